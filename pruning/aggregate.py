@@ -1,0 +1,207 @@
+"""Server-side aggregation of pruned layers: FedSpaLLM's ℓ0-norm mean and adaptive mask expansion,
+plus the FedAvg and mask-vote (FedPrLLM) baselines behind one call, :func:`aggregate_tensor`.
+
+Everything streams: clients are folded in one at a time into a float32 sum and a small-int count,
+and the big temporaries of mixed-dtype arithmetic, ranking and prefix sums are bounded by working
+in blocks of ``_BLOCK`` elements (on the CPU, mixed-dtype ops and even ``bool.sum()`` make full-size
+copies; ``count_nonzero`` does not). Tensors are expected on the CPU (the selection uses numpy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from pruning.payload import as_int
+from pruning.sparsity import (
+    Pattern,
+    check_sparsity,
+    keep_nm,
+    keep_per_row,
+    prune_count,
+    prune_counts_per_row,
+)
+
+AGGREGATORS = ("l0", "fedavg", "mask-vote")
+_BLOCK = 1 << 20  # elements per block: 4-8 MB temporaries whatever the matrix size
+
+Update = tuple[torch.Tensor, torch.Tensor]  # (weight, bool keep mask) of one client
+
+
+def _blocks(length: int, step: int) -> Iterator[slice]:
+    return (slice(i, i + step) for i in range(0, length, step))
+
+
+def _accumulate(
+    updates: Iterable[Update], with_sum: bool
+) -> tuple[torch.Tensor | None, torch.Tensor, int, torch.dtype]:
+    """Fold clients into (float32 sum of kept values, keep count, clients, weight dtype)."""
+    total = count = None
+    n = 0
+    for weight, mask in updates:
+        if count is None:
+            shape, dtype = weight.shape, weight.dtype
+            count = torch.zeros(shape, dtype=torch.uint8)
+            total = torch.zeros(shape, dtype=torch.float32) if with_sum else None
+        if weight.shape != shape or weight.dtype != dtype or mask.shape != shape:
+            raise ValueError(f"client {n}: weight/mask {tuple(weight.shape)} do not match {shape}")
+        if mask.dtype != torch.bool:
+            raise ValueError(f"client {n}: mask must be bool, got {mask.dtype}")
+        n += 1
+        if n == 256:  # uint8 counts up to 255 clients
+            count = count.to(torch.int32)
+        flat_w, flat_m, flat_c = weight.reshape(-1), mask.reshape(-1), count.view(-1)
+        for blk in _blocks(flat_c.numel(), _BLOCK):
+            flat_c[blk] += flat_m[blk]
+            if total is not None:  # where(): a weight outside its own mask never counts
+                total.view(-1)[blk] += torch.where(flat_m[blk], flat_w[blk], 0)
+        # drop this client before the caller's generator decodes the next one
+        del weight, mask, flat_w, flat_m
+    if count is None:
+        raise ValueError("no client updates to aggregate")
+    return total, count, n, dtype
+
+
+def l0_aggregate(updates: Iterable[Update]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """ℓ0-norm mean: per position, the mean over the clients whose mask kept it, else 0.
+
+    Returns the float32 mean, the per-position keep count (uint8, int32 past 255 clients) and
+    the number of clients. Averaging only the clients that kept a weight stops the zeros of
+    clients that pruned it from shrinking it, which is what plain FedAvg of sparse models does.
+    """
+    total, count, n, _ = _accumulate(updates, with_sum=True)
+    _divide_by_count(total, count)
+    return total, count, n
+
+
+def _divide_by_count(total: torch.Tensor, count: torch.Tensor) -> None:
+    flat_t, flat_c = total.view(-1), count.view(-1)
+    for blk in _blocks(flat_t.numel(), _BLOCK):
+        flat_t[blk] /= flat_c[blk].clamp(min=1)
+
+
+def expand_mask(
+    weight: torch.Tensor,
+    kept_count: torch.Tensor,
+    n_clients: int,
+    sparsity: float,
+    pattern: Pattern | None = None,
+    per_row: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune the union of client masks back to exactly ``sparsity``; zero ``weight`` IN PLACE.
+
+    The union is denser than any client's mask. Positions are pruned in the order: fewer clients
+    kept it (= more pruned it) first, then smaller ``|weight|`` (as stored), then by position
+    (lower flat index first; within an N:M group the lower index is kept, as in ``keep_nm``).
+    The ranking scope is the whole tensor, each row (``per_row``, with the row counts of
+    ``keep_topk_per_row``) or each group of M (``pattern``, which keeps exactly N per group).
+    Returns ``(weight, keep mask)``. Counts are exact, so if the union is sparser than the target
+    some never-kept (zero) positions are marked kept.
+    """
+    sparsity = check_sparsity(sparsity, pattern)
+    if kept_count.shape != weight.shape:
+        raise ValueError(f"kept_count {tuple(kept_count.shape)} != weight {tuple(weight.shape)}")
+    if int(kept_count.max()) > n_clients:
+        raise ValueError(f"a position is kept by more than the {n_clients} clients")
+    if pattern is None and not per_row:
+        mask = _keep_global(weight, kept_count, prune_count(weight.numel(), sparsity))
+    else:
+        if weight.dim() != 2:
+            raise ValueError("row-wise and N:M selection need a 2-d weight")
+        rows, cols = weight.shape
+        n_prune = prune_counts_per_row(rows, cols, sparsity)
+        shift = 8 * weight.element_size()  # the magnitude bits below, the count above
+        mask = torch.empty(weight.shape, dtype=torch.bool)
+        for blk in _blocks(rows, max(1, _BLOCK // cols)):
+            key = (kept_count[blk].long() << shift) | as_int(weight[blk].abs()).long()
+            mask[blk] = keep_nm(key, pattern) if pattern else keep_per_row(key, n_prune[blk])
+    weight.masked_fill_(~mask, 0)
+    return weight, mask
+
+
+def _keep_global(weight: torch.Tensor, count: torch.Tensor, n_prune: int) -> torch.Tensor:
+    """Exact whole-tensor selection without a full int64 key or sort.
+
+    Find the count level where the ``n_prune``-th position falls, prune every lower level, and
+    inside that level prune the smallest magnitudes: a numpy partition on the magnitudes' integer
+    bits finds the threshold, and positions tied with it go lowest index first.
+    """
+    below = level = 0
+    for level in range(int(count.max()) + 1):
+        at = int(torch.count_nonzero(count == level))
+        if below + at >= n_prune:
+            break
+        below += at
+    prune = count < level
+    rest = n_prune - below
+    if rest > 0:
+        mag = as_int(weight.abs())
+        mag.masked_fill_(count != level, torch.iinfo(mag.dtype).max)  # above every float's bits
+        threshold = np.partition(mag.numpy().reshape(-1), rest - 1)[rest - 1]
+        smaller = mag < int(threshold)
+        prune |= smaller
+        prune |= _first_true(mag == int(threshold), rest - int(torch.count_nonzero(smaller)))
+    return prune.logical_not_()
+
+
+def _first_true(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """Copy of ``mask`` keeping only its first ``k`` True entries in flat order."""
+    out = torch.zeros_like(mask)
+    flat_in, flat_out = mask.view(-1), out.view(-1)
+    for blk in _blocks(flat_in.numel(), _BLOCK):
+        if k <= 0:
+            break
+        seen = flat_in[blk].cumsum(0)
+        flat_out[blk] = flat_in[blk] & (seen <= k)
+        k -= int(seen[-1])
+    return out
+
+
+def aggregate_tensor(
+    method: str,
+    updates: Iterable[Update],
+    sparsity: float,
+    pattern: Pattern | None = None,
+    dense: torch.Tensor | None = None,
+    per_row: bool = False,
+    vote_scaling: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Aggregate one tensor over the clients that pruned it; returns ``(weight, keep mask)``.
+
+    * ``l0`` (FedSpaLLM, default): ℓ0-norm mean, then adaptive mask expansion.
+    * ``fedavg``: plain mean of the client weights (pruned entries count as 0), then magnitude
+      re-pruning to the target.
+    * ``mask-vote`` (FedPrLLM): only the masks are used; keep the positions most clients kept
+      (ties by the dense weight's magnitude), with weights from ``dense``; ``vote_scaling``
+      multiplies each kept weight by the fraction of clients that kept it.
+
+    The weight comes back in the clients' dtype (``dense``'s for mask-vote), pruned to exactly
+    ``sparsity`` in the scope chosen by ``pattern``/``per_row`` (see :func:`expand_mask`).
+    """
+    if method not in AGGREGATORS:
+        raise ValueError(f"unknown aggregator {method!r}; choose from {AGGREGATORS}")
+    if vote_scaling and method != "mask-vote":
+        raise ValueError("vote_scaling only applies to mask-vote")
+    if method == "mask-vote":
+        if dense is None:
+            raise ValueError("mask-vote takes its weights from the dense model; pass dense=")
+        _, count, n, _ = _accumulate(updates, with_sum=False)
+        weight = dense.detach().clone()
+    else:
+        total, count, n, dtype = _accumulate(updates, with_sum=True)
+        if method == "l0":
+            _divide_by_count(total, count)
+        else:
+            total /= n
+        weight = total.to(dtype)
+        del total
+        if method == "fedavg":  # rank by magnitude alone: zeros sort lowest either way
+            count, n = weight != 0, 1
+    weight, mask = expand_mask(weight, count, n, sparsity, pattern, per_row)
+    if vote_scaling:
+        flat_w, flat_c = weight.view(-1), count.view(-1)
+        for blk in _blocks(flat_w.numel(), _BLOCK):
+            flat_w[blk] *= flat_c[blk] / n
+    return weight, mask

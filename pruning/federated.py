@@ -1,0 +1,280 @@
+"""The federated pruning task, free of any Flower type: what a client does for one job, and
+the global model the server builds from client payloads round after round.
+
+The Flower apps in ``client_app/`` and ``server_app/`` only move configs and payload bytes
+between these two classes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from .aggregate import aggregate_tensor
+from .data import get_calibration
+from .driver import PruneConfig, prune_layers
+from .evaluate import perplexity, sparsity_report
+from .models import layer_state, load_layer_state, load_model, num_layers, prunable_shapes
+from .payload import Decoded, Expected, PayloadError, PayloadMeta, decode_payload, encode_payload
+from .sparsity import parse_pattern
+
+log = logging.getLogger(__name__)
+
+SCOPES = ("assigned", "all")
+
+
+@dataclass
+class Job:
+    """One client's work for one round, as the server sends it (no model, no data)."""
+
+    round: int
+    layers: list[int]  # layers to prune and upload
+    sparsity: float = 0.5
+    pattern: str = ""
+    pruner: str = "sparsegpt"
+    nsamples: int = 32
+    seqlen: int = 512
+    seed: int = 0
+    # "assigned": prune only the uploaded layers, propagate through the others as they are;
+    # "all": prune every layer up to the last uploaded one, so each sees pruned inputs
+    scope: str = "assigned"
+    true_sequential: bool = False
+    union: bool = False  # calibrate on every partition (the centralized baseline)
+
+    def to_config(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_config(cls, config: dict) -> Job:
+        names = {f.name for f in fields(cls)}
+        job = cls(**{k: config[k] for k in names if k in config})
+        job.layers = [int(i) for i in job.layers]
+        if job.scope not in SCOPES:
+            raise ValueError(f"scope {job.scope!r} is not one of {SCOPES}")
+        return job
+
+    def prune_config(self) -> PruneConfig:
+        return PruneConfig(
+            self.pruner, self.sparsity, self.pattern or None, true_sequential=self.true_sequential
+        )
+
+
+@dataclass
+class ClientData:
+    """Where a client's private calibration text comes from.
+
+    A real deployment names a local file (``path``). The simulation instead spreads the
+    partitions over the named corpora in contiguous blocks (with 4 partitions and 2 corpora:
+    partitions 0-1 on the first, 2-3 on the second) and cuts each corpus into contiguous shards
+    among the partitions that share it: a non-IID split by domain.
+    """
+
+    path: str = ""
+    sources: list[str] = field(default_factory=list)
+    partition_id: int = 0
+    num_partitions: int = 1
+    text_field: str = "text"
+
+    def shard(self, partition_id: int) -> tuple[str, int, int]:
+        """``(source, shard index, shard count)`` of one partition."""
+        if self.path:
+            return self.path, 0, 1
+        if not self.sources:
+            raise ValueError("no calibration data: set a data path or calibration sources")
+        n, k = len(self.sources), self.num_partitions
+        source = partition_id * n // k
+        peers = [p for p in range(k) if p * n // k == source]
+        return self.sources[source], peers.index(partition_id), len(peers)
+
+    def calibration(self, tokenizer, job: Job) -> torch.Tensor:
+        """``[nsamples, seqlen]`` windows of this client (of all partitions when ``union``)."""
+        parts = range(self.num_partitions) if job.union and not self.path else [self.partition_id]
+        windows = []
+        for p in parts:
+            source, index, count = self.shard(p)
+            windows.append(
+                get_calibration(
+                    source,
+                    tokenizer,
+                    job.nsamples,
+                    job.seqlen,
+                    job.seed,
+                    index,
+                    count,
+                    self.text_field,
+                )
+            )
+        return torch.cat(windows)
+
+
+def flat_shapes(layer_shapes: dict[int, dict[str, tuple[int, int]]]) -> dict[str, tuple[int, int]]:
+    """``{state_dict key: shape}`` over all layers (what a payload may contain)."""
+    return {k: s for layer in layer_shapes.values() for k, s in layer.items()}
+
+
+class ClientWorker:
+    """A client's copy of the base model, kept across jobs, and the job runner.
+
+    Pruning works in place, so the prunable weights are saved once and restored before each
+    job: every job starts from the base model plus whatever global layers the server sent.
+    """
+
+    def __init__(self, model_spec: str, dtype: str = "float32", device: str | None = None):
+        self.model, self.tokenizer = load_model(model_spec, dtype)
+        self.device = device
+        self.shapes = flat_shapes(prunable_shapes(self.model))
+        self.base = {
+            k: v.clone() for k, v in layer_state(self.model, range(self.num_layers)).items()
+        }
+
+    @property
+    def num_layers(self) -> int:
+        return num_layers(self.model)
+
+    def run(
+        self, job: Job, data: ClientData, global_blob: bytes | None = None
+    ) -> tuple[bytes, dict]:
+        """Prune the job's layers on private data; return the payload and metrics."""
+        start = time.perf_counter()
+        load_layer_state(self.model, self.base)
+        fixed: set[int] = set()
+        if global_blob:
+            decoded = decode_payload(global_blob, Expected(shapes=self.shapes))
+            load_layer_state(self.model, dict(decoded.weights))
+            fixed = set(decoded.meta.layers)
+        calib = data.calibration(self.tokenizer, job)
+        targets = set(job.layers)
+        if job.scope == "all" and targets:
+            targets |= set(range(max(targets) + 1)) - fixed
+        report = prune_layers(
+            self.model, calib, sorted(targets), job.prune_config(), self.device, progress=False
+        )
+        masks = report.masks()
+        weights = layer_state(self.model, job.layers)
+        meta = PayloadMeta(
+            job.round, sorted(job.layers), job.sparsity, job.pattern, job.pruner, report.tokens
+        )
+        blob = encode_payload(weights, meta, {k: masks[k] for k in weights})
+        errors = [report.layers[i].rel_error for i in job.layers]
+        metrics = {
+            "tokens": report.tokens,
+            "prune-seconds": report.seconds,
+            "seconds": time.perf_counter() - start,
+            "payload-bytes": len(blob),
+            "rel-error": sum(errors) / len(errors) if errors else 0.0,
+            "layers": len(job.layers),
+            "layers-pruned": len(targets),
+        }
+        return blob, metrics
+
+
+class GlobalModel:
+    """The server's model: base weights, replaced layer by layer by aggregated ones."""
+
+    def __init__(
+        self,
+        model_spec: str,
+        sparsity: float,
+        pattern: str = "",
+        aggregator: str = "l0",
+        dtype: str = "float32",
+        vote_scaling: bool = False,
+    ):
+        self.model, self.tokenizer = load_model(model_spec, dtype)
+        self.sparsity, self.pattern = sparsity, pattern
+        self.aggregator, self.vote_scaling = aggregator, vote_scaling
+        self.layer_shapes = prunable_shapes(self.model)
+        self.shapes = flat_shapes(self.layer_shapes)
+        self.done: set[int] = set()
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_shapes)
+
+    def dense_bytes(self, layers: list[int]) -> int:
+        """Bytes of the dense prunable weights of ``layers`` (the payload size cap's basis)."""
+        size = next(self.model.parameters()).element_size()
+        return sum(a * b * size for i in layers for a, b in self.layer_shapes[i].values())
+
+    def layer_bytes(self) -> int:
+        """Memory one layer needs while pruned: weights plus an fp32 Hessian per input width."""
+        shapes = self.layer_shapes[0].values()
+        return self.dense_bytes([0]) + sum(4 * b * b for _, b in set(shapes))
+
+    def expected(self, layers: list[int], max_bytes: int | None = None) -> Expected:
+        dtype = next(self.model.parameters()).dtype
+        return Expected(self.shapes, set(layers), dtype, self.sparsity, max_bytes=max_bytes)
+
+    def decode(self, blob: bytes, layers: list[int], max_bytes: int | None = None) -> Decoded:
+        """Validate one client payload against what that client was asked for."""
+        decoded = decode_payload(blob, self.expected(layers, max_bytes))
+        missing = set(layers) - set(decoded.meta.layers)
+        if missing:
+            raise PayloadError("unassigned-layer", f"layers {sorted(missing)} missing")
+        return decoded
+
+    @torch.no_grad()
+    def aggregate(self, layer: int, payloads: list[Decoded]) -> None:
+        """Merge one layer over the clients that pruned it and write it into the model."""
+        pattern = parse_pattern(self.pattern)
+        params = dict(self.model.named_parameters())
+        for key in self.layer_shapes[layer]:
+            weight, _ = aggregate_tensor(
+                self.aggregator,
+                (p.update(key) for p in payloads),
+                self.sparsity,
+                pattern,
+                dense=params[key].detach(),
+                vote_scaling=self.vote_scaling,
+            )
+            params[key].copy_(weight)
+        self.done.add(layer)
+
+    def downlink(self, layers: list[int], round: int) -> bytes:
+        """Aggregated layers as a sparse payload, for a client that must propagate through them."""
+        layers = sorted(set(layers) & self.done)
+        meta = PayloadMeta(round, layers, self.sparsity, self.pattern, "global", 0)
+        return encode_payload(layer_state(self.model, layers), meta)
+
+    @torch.no_grad()
+    def evaluate_alone(
+        self, payload: Decoded, sources: list[str], seqlen: int, max_windows: int | None
+    ) -> dict[str, float]:
+        """Perplexity of the base model with one client's layers (the local-only baseline)."""
+        keys = list(payload.sparse)
+        saved = {k: v.clone() for k, v in layer_state(self.model, payload.meta.layers).items()}
+        try:
+            load_layer_state(self.model, {k: payload.weights[k] for k in keys})
+            return evaluate_sources(self.model, self.tokenizer, sources, seqlen, max_windows)
+        finally:
+            load_layer_state(self.model, saved)
+
+    def save(self, out: Path) -> dict:
+        """``save_pretrained`` directory plus a compressed sparse copy of the pruned layers."""
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(out / "model")
+        self.tokenizer.save_pretrained(out / "model")
+        sparse = self.downlink(sorted(self.done), 0)
+        (out / "model.sparse.safetensors").write_bytes(sparse)
+        return {"sparse_bytes": len(sparse), "sparsity": sparsity_report(self.model)}
+
+
+def evaluate_sources(
+    model,
+    tokenizer,
+    sources: list[str],
+    seqlen: int,
+    max_windows: int | None,
+    device: str | None = None,
+) -> dict[str, float]:
+    """Perplexity of ``model`` on each evaluation source."""
+    from .data import get_eval_tokens
+
+    return {
+        s: perplexity(model, get_eval_tokens(s, tokenizer), seqlen, device, max_windows)
+        for s in sources
+    }

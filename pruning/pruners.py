@@ -1,0 +1,178 @@
+"""One-shot pruners for a single linear layer: SparseGPT, Wanda and magnitude.
+
+Each pruner sees the layer's calibration inputs through ``add_batch`` and then turns the
+weight into a pruned weight plus its keep mask. The driver does not care which one it holds.
+
+* SparseGPT (Frantar & Alistarh, 2023): with ``H = 2/n Σ x xᵀ``, prune column block by column
+  block, choosing in each block the weights of least ``w² / [H⁻¹]²_jj`` and compensating the
+  remaining columns with the optimal brain surgeon update through the Cholesky factor of
+  ``H⁻¹``.
+* Wanda (Sun et al., 2024): score ``|W| · ‖x_j‖₂``, compared within each output row; no update.
+* Magnitude: score ``|W|`` over the whole matrix; no calibration data.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .sparsity import Pattern, keep_nm, keep_topk, keep_topk_per_row, prune_count
+
+log = logging.getLogger(__name__)
+
+METHODS = ("sparsegpt", "wanda", "magnitude")
+
+
+@dataclass
+class PruneResult:
+    weight: torch.Tensor  # pruned weight, dtype of the input weight
+    mask: torch.Tensor  # bool keep mask
+
+
+class Pruner:
+    """Statistics of one linear layer's inputs, then a pruning rule."""
+
+    needs_inputs = True
+
+    def __init__(self, columns: int, device: torch.device) -> None:
+        self.columns, self.device, self.nsamples = columns, device, 0
+
+    def add_batch(self, inp: torch.Tensor) -> None:
+        """Fold a batch of inputs ``[..., columns]`` into running averages (float32)."""
+        x = inp.reshape(-1, self.columns).to(self.device, torch.float32)
+        n = x.shape[0]
+        self._accumulate(x, self.nsamples / (self.nsamples + n), n)
+        self.nsamples += n
+
+    def _accumulate(self, x: torch.Tensor, keep: float, n: int) -> None:
+        raise NotImplementedError
+
+    def prune(self, weight: torch.Tensor, sparsity: float, pattern: Pattern | None) -> PruneResult:
+        raise NotImplementedError
+
+
+class MagnitudePruner(Pruner):
+    needs_inputs = False
+
+    def _accumulate(self, x: torch.Tensor, keep: float, n: int) -> None:
+        pass
+
+    def prune(self, weight: torch.Tensor, sparsity: float, pattern: Pattern | None) -> PruneResult:
+        score = weight.detach().float().abs()
+        mask = keep_nm(score, pattern) if pattern else keep_topk(score, sparsity)
+        return PruneResult(weight * mask, mask)
+
+
+class WandaPruner(Pruner):
+    def __init__(self, columns: int, device: torch.device) -> None:
+        super().__init__(columns, device)
+        self.sq_norm = torch.zeros(columns, device=device)  # mean of x_j² over tokens
+
+    def _accumulate(self, x: torch.Tensor, keep: float, n: int) -> None:
+        self.sq_norm.mul_(keep).add_(x.pow(2).sum(0), alpha=1.0 / (self.nsamples + n))
+
+    def prune(self, weight: torch.Tensor, sparsity: float, pattern: Pattern | None) -> PruneResult:
+        score = weight.detach().float().abs() * self.sq_norm.sqrt()
+        mask = keep_nm(score, pattern) if pattern else keep_topk_per_row(score, sparsity)
+        return PruneResult(weight * mask, mask)
+
+
+class SparseGPTPruner(Pruner):
+    def __init__(
+        self, columns: int, device: torch.device, blocksize: int = 128, percdamp: float = 0.01
+    ) -> None:
+        super().__init__(columns, device)
+        self.blocksize, self.percdamp = blocksize, percdamp
+        self.H = torch.zeros(columns, columns, device=device)
+        self._factor: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def _accumulate(self, x: torch.Tensor, keep: float, n: int) -> None:
+        x = x * (2.0 / (self.nsamples + n)) ** 0.5
+        self.H.mul_(keep).addmm_(x.t(), x)
+
+    def _inverse_factor(self, H: torch.Tensor) -> torch.Tensor | None:
+        """Upper Cholesky factor of ``H⁻¹``; dampening grows tenfold until ``H`` factorises."""
+        diag = torch.arange(self.columns, device=H.device)
+        damp = self.percdamp * torch.mean(torch.diag(H))
+        for attempt in range(4):
+            Hd = H.clone()
+            Hd[diag, diag] += damp * 10**attempt
+            L, info = torch.linalg.cholesky_ex(Hd)
+            if info == 0:
+                U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+                if info == 0 and torch.isfinite(U).all():
+                    return U
+            warnings.warn(
+                f"SparseGPT: Cholesky failed at dampening x{10**attempt}; retrying", stacklevel=2
+            )
+        return None
+
+    def _factorise(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Dead-input mask and ``H⁻¹`` factor, computed once for all linears sharing the input."""
+        if self._factor is None:
+            H, dead = self.H, torch.diag(self.H) == 0
+            if dead.any():
+                warnings.warn(
+                    f"SparseGPT: {int(dead.sum())} input(s) never active; weights → 0", stacklevel=2
+                )
+                H = H.clone()
+                H[dead, dead] = 1
+            self._factor = dead, self._inverse_factor(H)
+        return self._factor
+
+    def prune(self, weight: torch.Tensor, sparsity: float, pattern: Pattern | None) -> PruneResult:
+        W = weight.detach().to(self.device, torch.float32).clone()
+        dead, Hinv = self._factorise()
+        W[:, dead] = 0
+        if Hinv is None:  # fall back to Wanda's rule with the Hessian diagonal as ‖x‖²
+            warnings.warn(
+                "SparseGPT: Hessian not positive definite; using Wanda's criterion", stacklevel=2
+            )
+            wanda = WandaPruner(self.columns, self.device)
+            wanda.sq_norm = torch.diag(self.H) / 2
+            return wanda.prune(weight, sparsity, pattern)
+
+        rows, cols = W.shape
+        keep = torch.ones_like(W, dtype=torch.bool)
+        for i1 in range(0, cols, self.blocksize):
+            i2 = min(i1 + self.blocksize, cols)
+            W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+            d = torch.diag(Hinv1)
+            Err1 = torch.zeros_like(W1)
+            if pattern is None:  # block budget by cumulative rounding: exact for the matrix
+                n_prune = prune_count(rows * i2, sparsity) - prune_count(rows * i1, sparsity)
+                keep1 = keep_topk(W1**2 / d**2, n_prune / W1.numel())
+            else:
+                keep1 = torch.ones_like(W1, dtype=torch.bool)
+            for i in range(i2 - i1):
+                if pattern is not None and i % pattern.m == 0:
+                    g = slice(i, i + pattern.m)
+                    keep1[:, g] = keep_nm(W1[:, g] ** 2 / d[g] ** 2, pattern)
+                w = W1[:, i]
+                err = (w - w * keep1[:, i]) / d[i]
+                W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
+                Err1[:, i] = err
+            W[:, i1:i2] = W1 * keep1
+            keep[:, i1:i2] = keep1
+            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        if not torch.isfinite(W).all():
+            warnings.warn(
+                "SparseGPT: non-finite update; keeping the mask without compensation", stacklevel=2
+            )
+            W = weight.detach().float() * keep.to(weight.device)
+        return PruneResult(W.to(weight.device, weight.dtype) * keep.to(weight.device), keep)
+
+
+def make_pruner(
+    method: str, columns: int, device: torch.device, blocksize: int = 128, percdamp: float = 0.01
+) -> Pruner:
+    if method == "sparsegpt":
+        return SparseGPTPruner(columns, device, blocksize, percdamp)
+    if method == "wanda":
+        return WandaPruner(columns, device)
+    if method == "magnitude":
+        return MagnitudePruner(columns, device)
+    raise ValueError(f"unknown pruning method {method!r} (choose from {', '.join(METHODS)})")

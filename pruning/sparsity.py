@@ -1,0 +1,134 @@
+"""Sparsity targets and mask selection shared by the pruners and the server's mask expansion.
+
+Conventions used everywhere in this project:
+
+* A *keep mask* is a bool tensor, ``True`` where the weight survives.
+* ``sparsity`` is the fraction of weights set to zero, in ``[0, 1)``.
+* An ``N:M`` pattern (NVIDIA's convention) keeps at most ``N`` non-zeros in every group of ``M``
+  consecutive weights along the input dimension (the last axis of a ``[out, in]`` weight), so it
+  implies ``sparsity = 1 - N/M``. ``2:4`` is the pattern sparse tensor cores accelerate.
+* Counts are exact: a matrix pruned to ``sparsity`` loses ``round(sparsity * numel)`` weights.
+  Ties between equal scores are broken by position (lower flat index pruned first), which makes
+  every mask a pure function of its inputs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+_PATTERN_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+class SparsityError(ValueError):
+    """A sparsity target or pattern that cannot be honoured."""
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """An ``N:M`` semi-structured pattern: keep ``n`` of every ``m`` consecutive weights."""
+
+    n: int
+    m: int
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.n / self.m
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+
+def parse_pattern(text: str | None) -> Pattern | None:
+    """Parse ``"2:4"`` into a :class:`Pattern`; ``None``, ``""``, ``"unstructured"``: none."""
+    if text is None or text.strip().lower() in ("", "unstructured", "none"):
+        return None
+    match = _PATTERN_RE.match(text)
+    if not match:
+        raise SparsityError(f"pattern {text!r} is not of the form N:M (for example 2:4)")
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m:
+        raise SparsityError(f"pattern {text!r} needs 0 < N < M")
+    return Pattern(n, m)
+
+
+def check_sparsity(sparsity: float, pattern: Pattern | None = None) -> float:
+    """Validate a target; with a pattern the target must match the pattern's own sparsity."""
+    if not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) < 1.0:
+        raise SparsityError(f"sparsity {sparsity!r} is outside [0, 1)")
+    if pattern is not None and abs(float(sparsity) - pattern.sparsity) > 1e-6:
+        raise SparsityError(
+            f"sparsity {sparsity} contradicts pattern {pattern} (it implies {pattern.sparsity:g})"
+        )
+    return float(sparsity)
+
+
+def prune_count(numel: int, sparsity: float) -> int:
+    """Number of weights to remove from a tensor of ``numel`` elements."""
+    return int(round(sparsity * numel))
+
+
+def _rank_keep(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
+    """Keep mask of a flat score vector without its ``n_prune`` lowest (ties: lower index first)."""
+    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
+    if n_prune > 0:
+        order = torch.sort(scores.reshape(-1), stable=True).indices
+        keep[order[:n_prune]] = False
+    return keep.view_as(scores)
+
+
+def keep_topk(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep mask over the whole tensor: the exact ``round(sparsity*numel)`` lowest scores go."""
+    return _rank_keep(scores, prune_count(scores.numel(), sparsity))
+
+
+def prune_counts_per_row(rows: int, cols: int, sparsity: float, device=None) -> torch.Tensor:
+    """Weights to remove from each row so that the matrix loses exactly ``round(sparsity*numel)``.
+
+    ``sparsity * cols`` is rarely an integer, so the first rows prune one extra weight.
+    """
+    base, extra = divmod(prune_count(rows * cols, sparsity), rows)
+    per_row = torch.full((rows,), base, dtype=torch.long, device=device)
+    per_row[:extra] += 1
+    return per_row
+
+
+def keep_per_row(scores: torch.Tensor, n_prune: torch.Tensor) -> torch.Tensor:
+    """Keep mask without the ``n_prune[i]`` lowest scores of row ``i`` (ties: lower index first).
+
+    Split out of :func:`keep_topk_per_row` so that callers can rank a matrix in row blocks.
+    """
+    rows, cols = scores.shape
+    order = torch.sort(scores, dim=1, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(cols, device=scores.device).expand(rows, cols))
+    return ranks >= n_prune[:, None]
+
+
+def keep_topk_per_row(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep mask ranked within each row (Wanda's comparison group), exact in total."""
+    rows, cols = scores.shape
+    return keep_per_row(scores, prune_counts_per_row(rows, cols, sparsity, scores.device))
+
+
+def keep_nm(scores: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    """Keep the ``n`` highest scores in each group of ``m`` along the last axis."""
+    rows, cols = scores.shape
+    if cols % pattern.m:
+        raise SparsityError(f"input dimension {cols} is not a multiple of M={pattern.m}")
+    groups = scores.reshape(rows, cols // pattern.m, pattern.m)
+    # stable descending sort: among equal scores the lower index is kept
+    order = torch.sort(groups, dim=-1, descending=True, stable=True).indices
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(-1, order[..., : pattern.n], True)
+    return keep.reshape(rows, cols)
+
+
+def nm_valid(mask: torch.Tensor, pattern: Pattern) -> bool:
+    """True when every group of ``m`` along the last axis keeps at most ``n`` weights."""
+    rows, cols = mask.shape
+    if cols % pattern.m:
+        return False
+    return bool((mask.reshape(rows, -1, pattern.m).sum(-1) <= pattern.n).all())

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Run the Flower app in the local Ray simulation: `scripts/run_simulation.sh [flwr run args...]`.
+# Registers a `fedspallm-sim` connection (4 SuperNodes, 2 CPUs each) in $FLWR_HOME/config.toml,
+# streams the run's logs, and stops the local SuperLink that `flwr run` starts, unless one was
+# already running before.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+FLWR="${FLWR:-$(command -v flwr || echo .venv/bin/flwr)}"
+export FLWR_HOME="${FLWR_HOME:-$HOME/.flwr}"
+NUM_SUPERNODES="${NUM_SUPERNODES:-4}"
+CPUS_PER_CLIENT="${CPUS_PER_CLIENT:-2}"
+GPUS_PER_CLIENT="${GPUS_PER_CLIENT:-0.0}"
+CONN="fedspallm-sim-${NUM_SUPERNODES}"
+mkdir -p "$FLWR_HOME"
+config="$FLWR_HOME/config.toml"
+[ -f "$config" ] || printf '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n' >"$config"
+if ! grep -q "^\[superlink.$CONN\]" "$config"; then
+  cat >>"$config" <<TOML
+
+[superlink.$CONN]
+address = ":local:"
+options.num-supernodes = $NUM_SUPERNODES
+options.backend.client-resources.num-cpus = $CPUS_PER_CLIENT
+options.backend.client-resources.num-gpus = $GPUS_PER_CLIENT
+TOML
+fi
+data="${FEDSPALLM_DATA:-$PWD/../shared/data}"
+had_superlink=$(pgrep -f "flower-superlink.*--simulation" >/dev/null && echo 1 || echo 0)
+stop_superlink() {
+  [ "$had_superlink" = 1 ] || pkill -f "flower-superlink.*--simulation" 2>/dev/null || true
+}
+trap stop_superlink EXIT
+"$FLWR" run . "$CONN" --stream \
+  --run-config "data-dir='$(realpath "$data")' out-dir='$PWD/runs'" "$@"

@@ -1,0 +1,235 @@
+"""Deployment test: a real SuperLink and three SuperNodes on loopback, TLS and node auth on.
+
+Uses the scripts in deploy/ exactly as docs/deployment.md does. Every process is
+started in its own session and ended (with its SuperExec and app subprocesses) in
+finally-blocks, also when a hard timeout fires.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from deploy_helpers import (
+    DEPLOY_DIR,
+    REPO_ROOT,
+    VENV_BIN,
+    Managed,
+    ProcessRegistry,
+    flower_env,
+    flwr_json,
+    free_port,
+    hard_timeout,
+    run_cli,
+    wait_until,
+)
+
+NODES = ("alice", "bob", "carol")
+CALIBRATION = {
+    "alice": ("wikitext2/wiki.valid.tokens", 0),
+    "bob": ("ptb/ptb.valid.txt", 0),
+    "carol": ("wikitext2/wiki.valid.tokens", 1),
+}
+CALIBRATION_CHARS = 40_000
+CONNECTION = "fedspallm-test"
+SETUP_LIMIT_S = 90
+RUN_LIMIT_S = 200
+PAYLOAD_TOLERANCE = 0.05
+
+@dataclass
+class Deployment:
+    """A running SuperLink with registered, connected SuperNodes."""
+
+    root: Path
+    registry: ProcessRegistry
+    superlink: Managed
+    supernodes: dict[str, Managed]
+    port: int
+    cli_env: dict[str, str]
+
+    def flwr(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        return run_cli([str(VENV_BIN / "flwr"), *args], self.cli_env, timeout)
+
+    def online_nodes(self) -> int:
+        nodes = flwr_json(["supernode", "ls", CONNECTION], self.cli_env)["nodes"]
+        return sum(1 for node in nodes if node["status"] == "online")
+
+    def run_info(self, run_id: str) -> dict[str, Any]:
+        runs = flwr_json(["ls", CONNECTION, "--run-id", run_id], self.cli_env)["runs"]
+        return dict(runs[0])
+
+
+def _script(name: str) -> str:
+    return str(DEPLOY_DIR / name)
+
+
+def _check(result: subprocess.CompletedProcess[str]) -> None:
+    assert result.returncode == 0, f"{result.args}\n{result.stdout}\n{result.stderr}"
+
+
+def _private_text(data_dir: Path, name: str) -> str:
+    """Each node's own calibration text: a different slice or corpus per node (non-IID)."""
+    corpus, part = CALIBRATION[name]
+    text = (data_dir / corpus).read_text(encoding="utf-8")
+    return text[part * CALIBRATION_CHARS : (part + 1) * CALIBRATION_CHARS]
+
+
+def _start_supernode(
+    dep_root: Path, registry: ProcessRegistry, name: str, port: int, text: str
+) -> Managed:
+    data = dep_root / "data" / f"{name}.txt"
+    data.parent.mkdir(exist_ok=True)
+    data.write_text(text, encoding="utf-8")
+    return registry.start(
+        f"supernode-{name}",
+        [
+            _script("start-supernode.sh"),
+            "-s", f"127.0.0.1:{port}",
+            "-k", str(dep_root / "keys" / name),
+            "-c", str(dep_root / "certificates" / "ca.crt"),
+            "-d", str(data),
+            "-L", "2",
+            "-m", "4",
+            "-p", str(free_port()),
+        ],
+        flower_env(dep_root / f"home-{name}"),
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Iterator[Deployment]:
+    root = tmp_path_factory.mktemp("deployment")
+    registry = ProcessRegistry(log_dir=root)
+    cli_env = flower_env(root / "home-cli")
+    try:
+        with hard_timeout(SETUP_LIMIT_S, "deployment setup"):
+            _check(run_cli([_script("gen-certs.sh"), "-o", str(root / "certificates")], cli_env))
+            _check(run_cli([_script("gen-node-keys.sh"), "-o", str(root / "keys"), *NODES,
+                            "mallory"], cli_env))  # fmt: skip
+            port = free_port()
+            superlink = registry.start(
+                "superlink",
+                [_script("start-superlink.sh"), "-c", str(root / "certificates"),
+                 "-H", "127.0.0.1", "-p", str(port), "-d", str(root / "state" / "link.db")],
+                flower_env(root / "home-superlink"),
+            )  # fmt: skip
+            _check(run_cli([_script("add-connection.sh"), CONNECTION, f"127.0.0.1:{port}",
+                            str(root / "certificates" / "ca.crt")], cli_env))  # fmt: skip
+            pubs = [str(root / "keys" / f"{n}.pub") for n in NODES]
+            wait_until(
+                lambda: run_cli([_script("register-supernodes.sh"), CONNECTION, *pubs],
+                                cli_env).returncode == 0,
+                timeout=30,
+                what="SuperLink to accept registrations",
+                interval=1.0,
+            )  # fmt: skip
+            supernodes = {
+                name: _start_supernode(root, registry, name, port, _private_text(data_dir, name))
+                for name in NODES
+            }
+            dep = Deployment(root, registry, superlink, supernodes, port, cli_env)
+            wait_until(lambda: dep.online_nodes() == len(NODES), 60, "SuperNodes online", 1.0)
+        yield dep
+    finally:
+        survivors = registry.stop_all()
+        assert not survivors, f"processes survived cleanup: {survivors}"
+
+
+def test_insecure_mode_refused_off_loopback(tmp_path: Path) -> None:
+    env = flower_env(tmp_path)
+    link = run_cli([_script("start-superlink.sh"), "--insecure", "-H", "0.0.0.0"], env)
+    assert link.returncode == 2 and "only allowed on a loopback" in link.stderr
+    data = tmp_path / "calib.txt"
+    data.write_text("x")
+    node = run_cli(
+        [_script("start-supernode.sh"), "--insecure", "-s", "10.1.2.3:9093", "-d", str(data)],
+        env,
+    )
+    assert node.returncode == 2 and "only allowed with a loopback" in node.stderr
+
+
+def test_superlink_speaks_only_tls(deployment: Deployment) -> None:
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{deployment.port}/health", timeout=10)
+    wrong_ca = ssl.create_default_context()  # system CAs do not know our private CA
+    with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+        urllib.request.urlopen(
+            f"https://127.0.0.1:{deployment.port}/health", timeout=10, context=wrong_ca
+        )
+
+
+def test_unregistered_supernode_is_refused(deployment: Deployment) -> None:
+    with hard_timeout(90, "unregistered SuperNode check"):
+        intruder = _start_supernode(
+            deployment.root, deployment.registry, "mallory", deployment.port, "stolen text"
+        )
+        try:
+            returncode = intruder.popen.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("SuperNode with an unregistered key was not refused within 60 s")
+        log = intruder.log.read_text(errors="replace")
+        assert returncode != 0
+        assert "Failed to activate SuperNode" in log, log
+        assert deployment.online_nodes() == len(NODES)
+
+
+def _clientapp_running(node: Managed) -> bool:
+    return any("flwr-clientapp" in " ".join(p.cmdline()) for p in node.descendants())
+
+
+def test_fedspallm_run_survives_a_dead_supernode(
+    deployment: Deployment, tiny_llama_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """Prune the tiny LLaMA across the three SuperNodes; one of them dies mid-run."""
+    out_dir = tmp_path / "out"
+    run_config = (
+        f"model='{tiny_llama_dir}' data-dir='{data_dir}' out-dir='{out_dir}' "
+        "min-nodes=3 num-server-rounds=3 nsamples=4 seqlen=64 "
+        "eval-data='wikitext2/wiki.test.raw' eval-max-windows=2 eval-dense=false "
+        "round-timeout=150.0 node-wait-timeout=60.0"
+    )
+    started = time.monotonic()
+    with hard_timeout(RUN_LIMIT_S, "deployment run"):
+        result = deployment.flwr(
+            "run", str(REPO_ROOT), CONNECTION, "--run-config", run_config, "--format", "json"
+        )
+        _check(result)
+        run_id = json.loads(result.stdout[result.stdout.find("{") :])["run-id"]
+
+        victim = deployment.supernodes[NODES[-1]]
+        wait_until(lambda: _clientapp_running(victim), 90, "a ClientApp on the victim node")
+        ProcessRegistry.kill(victim, signal.SIGKILL)
+
+        def finished() -> bool:
+            return str(deployment.run_info(run_id)["status"]).startswith("finished")
+
+        wait_until(finished, RUN_LIMIT_S - 30, f"run {run_id} to finish", 2.0)
+    info = deployment.run_info(run_id)
+    if info["status"] != "finished:completed":
+        run_log = deployment.flwr("log", run_id, CONNECTION, "--show").stdout
+        pytest.fail(f"{info}\n{run_log}\n{deployment.registry.logs()}")
+
+    run_dir = out_dir / f"fedspallm-{run_id}"
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["complete"] and not report["unpruned_layers"], report
+    assert (run_dir / "model" / "config.json").is_file()
+    assert (run_dir / "model.sparse.safetensors").stat().st_size == report["sparse_bytes"]
+    print(json.dumps({"rounds": report["rounds"], "bytes": report["bytes"]}, indent=1))
+
+    traffic = info["network-traffic"]
+    reported_up = report["bytes"]["total_up"]
+    assert abs(traffic["inbound-bytes"] - reported_up) <= PAYLOAD_TOLERANCE * reported_up, (
+        traffic,
+        report["bytes"],
+    )
+    print(f"run {run_id}: {time.monotonic() - started:.0f} s, traffic {traffic}")

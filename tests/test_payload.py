@@ -1,0 +1,294 @@
+"""Sparse payload codec: lossless round trip, size, and one test per rejection reason."""
+
+import pickle
+
+import pytest
+import safetensors.torch
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pruning.payload import (
+    FORMAT_VERSION,
+    Decoded,
+    Expected,
+    PayloadError,
+    PayloadMeta,
+    decode_payload,
+    encode_payload,
+    layer_index,
+)
+from pruning.sparsity import keep_topk
+
+KEY_STYLES = (
+    "model.layers.{}.self_attn.q_proj.weight",
+    "model.decoder.layers.{}.fc1.weight",
+    "transformer.h.{}.mlp.c_fc.weight",
+)
+# one SmolLM2-135M decoder layer (hidden 576, 9 heads, 3 KV heads, MLP 1536)
+SMOLLM2_LAYER = {
+    "self_attn.q_proj": (576, 576),
+    "self_attn.k_proj": (192, 576),
+    "self_attn.v_proj": (192, 576),
+    "self_attn.o_proj": (576, 576),
+    "mlp.gate_proj": (1536, 576),
+    "mlp.up_proj": (1536, 576),
+    "mlp.down_proj": (576, 1536),
+}
+TINY = {"self_attn.q_proj": (4, 12), "mlp.down_proj": (6, 5)}  # 5 columns: bitmask padding
+
+
+def layer_tensors(layers, shapes=TINY, dtype=torch.float16, sparsity=0.5, seed=0):
+    """Magnitude-pruned random weights of a LLaMA-style model's layers: (weights, masks, shapes)."""
+    gen = torch.Generator().manual_seed(seed)
+    weights, masks = {}, {}
+    for i in layers:
+        for name, shape in shapes.items():
+            key = f"model.layers.{i}.{name}.weight"
+            dense = torch.randn(shape, generator=gen).to(dtype)
+            masks[key] = keep_topk(dense.abs().float(), sparsity)
+            weights[key] = dense * masks[key]
+    model = {f"model.layers.{i}.{n}.weight": s for i in range(4) for n, s in shapes.items()}
+    return weights, masks, model
+
+
+def meta(layers=(1,), **kw):
+    fields = dict(round=2, layers=list(layers), sparsity=0.5, pattern="", pruner="sparsegpt")
+    return PayloadMeta(**{**fields, "calib_tokens": 4096, **kw})
+
+
+def valid_blob(**expected_kw):
+    weights, masks, model = layer_tensors([1])
+    blob = encode_payload(weights, meta(), masks)
+    expected = Expected(model, layers={1}, dtype=torch.float16, sparsity=0.5, **expected_kw)
+    return blob, expected, weights
+
+
+def crafted(tensors, metadata=None):
+    """A payload built by hand, to break one thing at a time."""
+    return safetensors.torch.save(
+        tensors, metadata=meta().to_strings() if metadata is None else metadata
+    )
+
+
+def parts_of(blob):
+    return safetensors.torch.load(blob)
+
+
+def reason_of(blob, expected=None):
+    with pytest.raises(PayloadError) as info:
+        decode_payload(blob, expected)
+    assert str(info.value).startswith(info.value.reason + ": ")
+    return info.value.reason
+
+
+def test_layer_index_covers_the_three_families_and_rejects_non_layer_keys():
+    assert [layer_index(s.format(7)) for s in KEY_STYLES] == [7, 7, 7]
+    assert layer_index("layers.12.mlp.up_proj.weight") == 12
+    assert layer_index("model.embed_tokens.weight") is None
+    assert layer_index("model.norm.weight") is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 7),
+    cols=st.integers(1, 19),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+    style=st.sampled_from(KEY_STYLES),
+    layer=st.integers(0, 40),
+    keep_p=st.floats(0.0, 1.0),
+    explicit_masks=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_round_trip_is_lossless(rows, cols, dtype, style, layer, keep_p, explicit_masks, seed):
+    gen = torch.Generator().manual_seed(seed)
+    key = style.format(layer)
+    weight = torch.randn(rows, cols, generator=gen).to(dtype)
+    weight[torch.rand(rows, cols, generator=gen) < 0.2] = 0  # zeros that a mask may still keep
+    mask = torch.rand(rows, cols, generator=gen) < keep_p
+    m = meta([layer], pattern="2:4", pruner="wanda", round=5, calib_tokens=seed)
+    blob = encode_payload({key: weight}, m, {key: mask} if explicit_masks else None)
+    decoded = decode_payload(blob, Expected({key: (rows, cols)}, {layer}, dtype))
+    mask = mask if explicit_masks else weight != 0
+    expect = torch.where(mask, weight, torch.zeros((), dtype=dtype))
+    assert decoded.meta == m
+    assert list(decoded.weights) == [key]
+    assert torch.equal(decoded.masks[key], mask)
+    got_w, got_m = decoded.update(key)
+    assert got_w.dtype == dtype and torch.equal(got_m, mask)
+    # bit-exact, including the sign of kept zeros
+    assert torch.equal(got_w.view(torch.uint8), expect.contiguous().view(torch.uint8))
+
+
+def test_server_can_send_global_layers_back_down():
+    weights, masks, model = layer_tensors([0, 3])
+    blob = encode_payload(weights, meta([0, 3], pruner="global", calib_tokens=0), masks)
+    decoded = decode_payload(blob, Expected(model, layers={0, 3}))
+    assert decoded.meta.pruner == "global" and len(decoded.weights) == len(weights)
+    assert all(torch.equal(decoded.weights[k], weights[k]) for k in weights)
+
+
+def test_decoded_stays_sparse_until_asked():
+    blob, expected, weights = valid_blob()
+    decoded = decode_payload(blob, expected)
+    assert isinstance(decoded, Decoded)
+    total = sum(p.values.numel() + p.bitmask.numel() for p in decoded.sparse.values())
+    assert total < sum(w.numel() for w in weights.values())
+
+
+def test_payload_at_half_sparsity_fp16_is_at_most_057_of_dense():
+    weights, masks, _ = layer_tensors([0], shapes=SMOLLM2_LAYER)
+    blob = encode_payload(weights, meta([0]), masks)
+    dense_bytes = sum(w.numel() * w.element_size() for w in weights.values())
+    assert len(blob) / dense_bytes <= 0.57
+
+
+# --- one test per rejection reason -------------------------------------------------------------
+
+
+def test_rejects_truncated():
+    blob, expected, _ = valid_blob()
+    assert reason_of(blob[:5]) == "truncated"
+    assert reason_of(blob[:40]) == "truncated"  # header cut
+    assert reason_of(blob[:-3], expected) == "truncated"  # data cut
+
+
+def test_rejects_what_is_not_safetensors_without_unpickling():
+    class Boom:
+        def __reduce__(self):
+            return (pytest.fail, ("unpickled!",))
+
+    assert reason_of(pickle.dumps(Boom())) == "not-safetensors"
+    assert reason_of(b"PK\x03\x04" + bytes(100)) == "not-safetensors"
+    blob, _, _ = valid_blob()
+    assert reason_of(blob[:8] + b"{not json" + blob[17:]) == "not-safetensors"
+
+
+def test_rejects_unknown_format_version():
+    blob = crafted({}, {**meta().to_strings(), "format_version": str(FORMAT_VERSION + 1)})
+    assert reason_of(blob) == "version"
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"format": "something-else"}, {"round": "two"}, {"pattern": "2-4"}, {"sparsity": "1.5"}],
+)
+def test_rejects_bad_metadata(change):
+    assert reason_of(crafted({}, {**meta().to_strings(), **change})) == "metadata"
+
+
+def test_rejects_missing_metadata():
+    strings = meta().to_strings()
+    del strings["calib_tokens"]
+    assert reason_of(crafted({}, strings)) == "metadata"
+    weights, masks, _ = layer_tensors([1])
+    assert reason_of(safetensors.torch.save(parts_of(encode_payload(weights, meta(), masks)))) == (
+        "metadata"
+    )
+
+
+def test_rejects_tensor_of_a_layer_it_does_not_claim():
+    weights, masks, _ = layer_tensors([2])
+    assert reason_of(encode_payload(weights, meta([1]), masks)) == "metadata"
+
+
+def test_rejects_tensor_not_in_the_model():
+    blob, expected, _ = valid_blob()
+    parts = parts_of(blob)
+    for part in ("shape", "bitmask", "values"):
+        parts[f"model.layers.1.mlp.secret.weight.{part}"] = parts[
+            f"model.layers.1.mlp.down_proj.weight.{part}"
+        ].clone()
+    assert reason_of(crafted(parts), expected) == "unknown-tensor"
+    parts = parts_of(blob)
+    parts["model.layers.1.mlp.down_proj.weight.pickle"] = torch.zeros(1)
+    assert reason_of(crafted(parts)) == "unknown-tensor"
+
+
+def test_rejects_shape_different_from_the_model():
+    blob, expected, _ = valid_blob()
+    wrong = Expected({**expected.shapes, "model.layers.1.mlp.down_proj.weight": (5, 6)}, {1})
+    assert reason_of(blob, wrong) == "shape"
+    parts = parts_of(blob)
+    parts["model.layers.1.mlp.down_proj.weight.shape"] = torch.tensor([6.0, 5.0])
+    assert reason_of(crafted(parts)) == "shape"
+    del parts["model.layers.1.mlp.down_proj.weight.shape"]
+    assert reason_of(crafted(parts)) == "shape"
+
+
+def test_rejects_layer_not_assigned_this_round():
+    blob, expected, _ = valid_blob()
+    assert reason_of(blob, Expected(expected.shapes, layers={0, 2})) == "unassigned-layer"
+
+
+def test_rejects_incomplete_layer():
+    blob, expected, _ = valid_blob()
+    parts = {k: v for k, v in parts_of(blob).items() if "q_proj" not in k}
+    assert reason_of(crafted(parts), expected) == "missing-tensor"
+
+
+def test_rejects_wrong_dtype():
+    blob, expected, _ = valid_blob()
+    assert reason_of(blob, Expected(expected.shapes, {1}, dtype=torch.bfloat16)) == "dtype"
+    parts = parts_of(blob)
+    key = "model.layers.1.mlp.down_proj.weight.values"
+    parts[key] = parts[key].to(torch.int16)
+    assert reason_of(crafted(parts)) == "dtype"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_rejects_non_finite_values(bad):
+    blob, expected, _ = valid_blob()
+    parts = parts_of(blob)
+    parts["model.layers.1.self_attn.q_proj.weight.values"][3] = bad
+    assert reason_of(crafted(parts), expected) == "non-finite"
+
+
+def test_rejects_inconsistent_bitmask():
+    blob, _, _ = valid_blob()
+    key = "model.layers.1.mlp.down_proj.weight.bitmask"  # 6 x 5: one byte per row, 3 pad bits
+    parts = parts_of(blob)
+    parts[key] = parts[key][:-1]
+    assert reason_of(crafted(parts)) == "bitmask"
+    parts = parts_of(blob)
+    parts[key] = parts[key].to(torch.int16)
+    assert reason_of(crafted(parts)) == "bitmask"
+    parts = parts_of(blob)
+    parts[key][0] |= 0b1000_0000  # a padding bit
+    assert reason_of(crafted(parts)) == "bitmask"
+    del parts[key]
+    assert reason_of(crafted(parts)) == "bitmask"
+
+
+def test_rejects_value_count_that_disagrees_with_the_bitmask():
+    blob, _, _ = valid_blob()
+    key = "model.layers.1.mlp.down_proj.weight.values"
+    for values in (lambda v: v[:-1], lambda v: torch.cat([v, v[:1]]), lambda v: v[None]):
+        parts = parts_of(blob)
+        parts[key] = values(parts[key])
+        assert reason_of(crafted(parts)) == "value-count"
+    del parts[key]
+    assert reason_of(crafted(parts)) == "value-count"
+
+
+def test_rejects_density_far_above_the_target():
+    weights, _, model = layer_tensors([1], sparsity=0.2)
+    blob = encode_payload(weights, meta())  # 80 % dense, claims 50 %
+    assert reason_of(blob, Expected(model, {1}, sparsity=0.5)) == "density"
+    assert decode_payload(blob, Expected(model, {1}, sparsity=0.5, density_slack=0.31))
+
+
+def test_rejects_payload_above_the_size_limit_before_parsing():
+    blob, expected, _ = valid_blob(max_bytes=100)
+    assert reason_of(blob, expected) == "too-large"
+    assert reason_of(b"\xff" * 101, expected) == "too-large"  # garbage is not even parsed
+    assert decode_payload(blob, Expected(expected.shapes, max_bytes=len(blob)))
+
+
+def test_encode_refuses_inconsistent_input():
+    weights, masks, _ = layer_tensors([1])
+    key = next(iter(weights))
+    with pytest.raises(ValueError):
+        encode_payload(weights, meta(), {**masks, key: masks[key].int()})
+    with pytest.raises(ValueError):
+        encode_payload({key: weights[key].to(torch.int8)}, meta())
