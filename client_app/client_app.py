@@ -17,6 +17,14 @@ app = ClientApp()
 
 
 @functools.lru_cache(maxsize=1)
+def _log_progress() -> None:
+    """Per-layer progress lines (the simulation forwards them to the `flwr run` stream)."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    for name in ("fedspallm", "pruning"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
+@functools.lru_cache(maxsize=1)
 def _worker(model: str, dtype: str, device: str | None) -> ClientWorker:
     """One base model per process: loading it is the slowest part of a small job."""
     return ClientWorker(model, dtype, device)
@@ -77,8 +85,10 @@ def train(msg: Message, context: Context) -> Message:
     """Run one pruning job; failures become error replies with the reason, not crashes."""
     from flwr.app import Error
 
+    _log_progress()
     try:
         job = Job.from_config(dict(msg.content.config_records["config"]))
+        log.info("round %d: pruning layers %s with %s", job.round, job.layers, job.pruner)
         worker = _worker(
             str(context.run_config["model"]),
             str(context.run_config.get("dtype", "float32")),
@@ -91,6 +101,7 @@ def train(msg: Message, context: Context) -> Message:
     except Exception as err:  # noqa: BLE001 - every failure must reach the server as a reason
         log.error("pruning job failed: %s", traceback.format_exc())
         return Message(Error(code=1, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
+    log.info("round %d: sending %d bytes after %.1fs", job.round, len(blob), metrics["seconds"])
     payload = Array(dtype="uint8", shape=(len(blob),), stype="safetensors", data=blob)
     content = RecordDict(
         {"payload": ArrayRecord({"payload": payload}), "metrics": MetricRecord(metrics)}

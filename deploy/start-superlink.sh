@@ -51,7 +51,6 @@ command -v flower-superlink >/dev/null || {
   exit 1
 }
 
-mkdir -p "$(dirname "$database")"
 args=(--host "$host" --port "$port" --database "$database" --isolation subprocess
       --disable-runtime-dependency-installation)
 [[ -n "$log_file" ]] && args+=(--log-file "$log_file")
@@ -80,5 +79,6 @@ else
          --ssl-keyfile "$cert_dir/server.key" --enable-supernode-auth)
 fi
 
+mkdir -p "$(dirname "$database")"
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 exec flower-superlink "${args[@]}" "$@"

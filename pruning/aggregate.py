@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-import numpy as np
 import torch
 
 from pruning.payload import as_int
@@ -122,11 +121,12 @@ def expand_mask(
 
 
 def _keep_global(weight: torch.Tensor, count: torch.Tensor, n_prune: int) -> torch.Tensor:
-    """Exact whole-tensor selection without a full int64 key or sort.
+    """Exact whole-tensor selection without a full int64 key, sort or prefix sum.
 
     Find the count level where the ``n_prune``-th position falls, prune every lower level, and
-    inside that level prune the smallest magnitudes: a numpy partition on the magnitudes' integer
-    bits finds the threshold, and positions tied with it go lowest index first.
+    inside that level prune the smallest magnitudes: an in-place numpy partition of the
+    magnitudes' integer bits gives the threshold, then two passes in blocks prune the level's
+    positions below it and, lowest index first, as many tied with it as are still due.
     """
     below = level = 0
     for level in range(int(count.max()) + 1):
@@ -134,29 +134,32 @@ def _keep_global(weight: torch.Tensor, count: torch.Tensor, n_prune: int) -> tor
         if below + at >= n_prune:
             break
         below += at
-    prune = count < level
+    keep = count >= level
     rest = n_prune - below
     if rest > 0:
         mag = as_int(weight.abs())
-        mag.masked_fill_(count != level, torch.iinfo(mag.dtype).max)  # above every float's bits
-        threshold = np.partition(mag.numpy().reshape(-1), rest - 1)[rest - 1]
-        smaller = mag < int(threshold)
-        prune |= smaller
-        prune |= _first_true(mag == int(threshold), rest - int(torch.count_nonzero(smaller)))
-    return prune.logical_not_()
+        mag.masked_fill_(count != level, torch.iinfo(mag.dtype).max)  # above any float's bits
+        flat = mag.numpy().reshape(-1)
+        flat.partition(rest - 1)  # in place: no second full-size copy
+        threshold = int(flat[rest - 1])
+        del mag, flat
+        flat_w, flat_c, flat_k = weight.reshape(-1), count.reshape(-1), keep.view(-1)
 
+        def at_level(blk: slice, op) -> torch.Tensor:
+            return (flat_c[blk] == level) & op(as_int(flat_w[blk].abs()), threshold)
 
-def _first_true(mask: torch.Tensor, k: int) -> torch.Tensor:
-    """Copy of ``mask`` keeping only its first ``k`` True entries in flat order."""
-    out = torch.zeros_like(mask)
-    flat_in, flat_out = mask.view(-1), out.view(-1)
-    for blk in _blocks(flat_in.numel(), _BLOCK):
-        if k <= 0:
-            break
-        seen = flat_in[blk].cumsum(0)
-        flat_out[blk] = flat_in[blk] & (seen <= k)
-        k -= int(seen[-1])
-    return out
+        for blk in _blocks(flat_k.numel(), _BLOCK):
+            smaller = at_level(blk, torch.lt)
+            flat_k[blk] &= ~smaller
+            rest -= int(torch.count_nonzero(smaller))
+        for blk in _blocks(flat_k.numel(), _BLOCK):
+            if rest <= 0:
+                break
+            tied = at_level(blk, torch.eq)
+            seen = tied.cumsum(0)
+            flat_k[blk] &= ~(tied & (seen <= rest))
+            rest -= int(seen[-1])
+    return keep
 
 
 def aggregate_tensor(
@@ -198,7 +201,7 @@ def aggregate_tensor(
         weight = total.to(dtype)
         del total
         if method == "fedavg":  # rank by magnitude alone: zeros sort lowest either way
-            count, n = weight != 0, 1
+            count, n = (weight != 0).view(torch.uint8), 1  # uint8: bool < int makes int64 copies
     weight, mask = expand_mask(weight, count, n, sparsity, pattern, per_row)
     if vote_scaling:
         flat_w, flat_c = weight.view(-1), count.view(-1)

@@ -53,9 +53,12 @@ def _read_rows(path: Path, field: str) -> list[str]:
                 if not line.strip():
                     continue
                 try:
-                    rows.append(json.loads(line)[field])
+                    value = json.loads(line)[field]
                 except (json.JSONDecodeError, KeyError, TypeError) as err:
                     raise DataError(f"{path}:{n}: no JSON object with field {field!r}") from err
+                if not isinstance(value, str):
+                    raise DataError(f"{path}:{n}: field {field!r} is not a string")
+                rows.append(value)
         return rows
     if suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -103,7 +106,8 @@ def partition(tokens: torch.Tensor, index: int, count: int) -> torch.Tensor:
     """The ``index``-th of ``count`` contiguous, near-equal shards of a token stream."""
     if not 0 <= index < count:
         raise DataError(f"partition {index} outside 0..{count - 1}")
-    bounds = torch.linspace(0, tokens.numel(), count + 1).round().long()
+    # float64: float32 bounds lose tokens past 2**24 (e.g. the last one of 2**24 + 1)
+    bounds = torch.linspace(0, tokens.numel(), count + 1, dtype=torch.float64).round().long()
     return tokens[bounds[index] : bounds[index + 1]]
 
 

@@ -26,8 +26,12 @@ TOML
 fi
 data="${FEDSPALLM_DATA:-$PWD/../shared/data}"
 had_superlink=$(pgrep -f "flower-superlink.*--simulation" >/dev/null && echo 1 || echo 0)
-stop_superlink() {
-  [ "$had_superlink" = 1 ] || pkill -f "flower-superlink.*--simulation" 2>/dev/null || true
+stop_superlink() {  # the SuperLink and the simulation process it spawned
+  [ "$had_superlink" = 0 ] || return 0
+  for pid in $(pgrep -f "flower-superlink.*--simulation"); do
+    pkill -TERM -P "$pid" 2>/dev/null || true
+    kill "$pid" 2>/dev/null || true
+  done
 }
 trap stop_superlink EXIT
 "$FLWR" run . "$CONN" --stream \

@@ -130,8 +130,7 @@ class FedSpaLLMStrategy(Strategy):
         nodes = self.wait_for_nodes(grid)
         content = RecordDict({"config": ConfigRecord({"num-layers": self.model.num_layers})})
         messages = [
-            grid.create_message(content, MessageType.QUERY, node, "resources", self._ttl())
-            for node in nodes
+            _message(content, MessageType.QUERY, node, "resources", self._ttl()) for node in nodes
         ]
         layer_bytes = self.model.layer_bytes()
         for reply in grid.send_and_receive(messages, timeout=self.settings.round_timeout):
@@ -204,7 +203,7 @@ class FedSpaLLMStrategy(Strategy):
                 "reason": "no reply",
             }
             messages.append(
-                grid.create_message(
+                _message(
                     RecordDict(records), MessageType.TRAIN, node, str(server_round), self._ttl()
                 )
             )
@@ -291,6 +290,10 @@ class FedSpaLLMStrategy(Strategy):
             self.settings.sparsity,
             self.settings.pattern,
         )
+
+
+def _message(content: RecordDict, kind: str, node: int, group: str, ttl: float) -> Message:
+    return Message(content, dst_node_id=node, message_type=kind, group_id=group, ttl=ttl)
 
 
 def _bytes_array(blob: bytes) -> Array:

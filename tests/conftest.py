@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import corpus_dir, make_tiny_model
 
 
@@ -33,3 +35,14 @@ def tiny_opt_dir(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Pa
 def tiny_model_dir(request: pytest.FixtureRequest) -> Path:
     """Each tiny family in turn, for tests that must hold for every supported architecture."""
     return request.getfixturevalue(f"tiny_{request.param}_dir")
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Run torch on one thread: on tiny tensors thread hand-offs cost more than they save, and on
+    a busy 2-core machine they make tiny-model tests 30x slower. Opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -172,9 +172,9 @@ def test_expansion_prefers_more_votes_over_magnitude_and_magnitude_over_position
     count = torch.tensor([[1, 3, 3, 2, 3, 2]], dtype=torch.uint8)
     _, mask = expand_mask(weight.clone(), count, 3, 1 / 3)  # prune 2 of 6
     assert mask.tolist() == [[False, True, True, True, True, False]]
-    # equal count and magnitude: the lower index goes first
-    _, mask = expand_mask(torch.ones(1, 4), torch.ones(1, 4, dtype=torch.uint8), 1, 0.5)
-    assert mask.tolist() == [[False, False, True, True]]
+    # equal count and magnitude: the lower index goes first, across several blocks of 5
+    _, mask = expand_mask(torch.ones(3, 7), torch.ones(3, 7, dtype=torch.uint8), 1, 0.5)
+    assert mask.view(-1).tolist() == [False] * 10 + [True] * 11
 
 
 def test_union_sparser_than_target_is_filled_to_the_exact_count():

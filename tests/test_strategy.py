@@ -34,8 +34,7 @@ class FakeGrid(Grid):
         raise NotImplementedError
 
     def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type,
-                       group_id=group_id, ttl=ttl)
+        raise NotImplementedError  # deprecated in flwr; the strategy builds Messages itself
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.nodes)
@@ -62,14 +61,19 @@ def honest_node(worker: ClientWorker, data: ClientData, budget: int) -> Behaviou
 
     def behave(msg: Message) -> Message:
         if msg.metadata.message_type == MessageType.QUERY:
-            return Message(RecordDict({"resources": MetricRecord({"max-layers": budget})}),
-                           reply_to=msg)
+            return Message(
+                RecordDict({"resources": MetricRecord({"max-layers": budget})}), reply_to=msg
+            )
         job = Job.from_config(dict(msg.content.config_records["config"]))
         down = msg.content.array_records.get("global")
         blob, metrics = worker.run(job, data, down["payload"].data if down else None)
         array = Array(dtype="uint8", shape=(len(blob),), stype="safetensors", data=blob)
-        return Message(RecordDict({"payload": ArrayRecord({"payload": array}),
-                                   "metrics": MetricRecord(metrics)}), reply_to=msg)
+        return Message(
+            RecordDict(
+                {"payload": ArrayRecord({"payload": array}), "metrics": MetricRecord(metrics)}
+            ),
+            reply_to=msg,
+        )
 
     return behave
 
@@ -86,8 +90,20 @@ def failing_after_query(node: Behaviour, failure: str) -> Behaviour:
         if failure == "error":
             return Message(Error(code=1, reason="CUDA out of memory"), reply_to=msg)
         garbage = b"\x00" * 64  # not safetensors
-        return Message(RecordDict({"payload": ArrayRecord({"payload": Array(
-            dtype="uint8", shape=(64,), stype="safetensors", data=garbage)})}), reply_to=msg)
+        return Message(
+            RecordDict(
+                {
+                    "payload": ArrayRecord(
+                        {
+                            "payload": Array(
+                                dtype="uint8", shape=(64,), stype="safetensors", data=garbage
+                            )
+                        }
+                    )
+                }
+            ),
+            reply_to=msg,
+        )
 
     return behave
 
@@ -102,8 +118,9 @@ def setup(tiny_llama_dir: Path, tmp_path_factory) -> dict:
 
 
 def run_strategy(setup: dict, nodes: dict[int, Behaviour], **overrides) -> FedSpaLLMStrategy:
-    settings = Settings(min_nodes=len(nodes), nsamples=4, seqlen=32, num_server_rounds=4,
-                        **overrides)
+    settings = Settings(
+        min_nodes=len(nodes), nsamples=4, seqlen=32, num_server_rounds=4, **overrides
+    )
     model = GlobalModel(setup["model"], settings.sparsity, settings.pattern)
     strategy = FedSpaLLMStrategy(model, settings)
     strategy.run(FakeGrid(nodes))
@@ -142,9 +159,10 @@ def test_failed_node_layers_are_reassigned(setup: dict, failure: str) -> None:
     assert set().union(*second.assignment.values()) >= lost
     assert not strategy.remaining
     if failure == "garbage":
-        assert "not-safetensors" in first.replies[3]["reason"] or "truncated" in first.replies[3][
-            "reason"
-        ]
+        assert (
+            "not-safetensors" in first.replies[3]["reason"]
+            or "truncated" in first.replies[3]["reason"]
+        )
 
 
 def test_later_rounds_receive_the_global_layers_below_their_assignment(setup: dict) -> None:
@@ -152,7 +170,7 @@ def test_later_rounds_receive_the_global_layers_below_their_assignment(setup: di
     nodes = {1: honest_node(w, d, 2), 2: failing_after_query(honest_node(w, d, 2), "error")}
     strategy = run_strategy(setup, nodes)
     second = strategy.rounds[1]
-    (node, layers), = second.assignment.items()
+    ((node, layers),) = second.assignment.items()
     below = [i for i in strategy.rounds[0].aggregated if i < max(layers)]
     assert bool(second.replies[node]["bytes_down"]) == bool(below)
     assert not strategy.remaining

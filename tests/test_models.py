@@ -1,0 +1,176 @@
+"""Model loading, family adapters and layer state I/O (pruning/models.py)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from pruning.models import (
+    ModelError,
+    get_adapter,
+    layer_state,
+    linear_groups,
+    load_layer_state,
+    load_model,
+    num_layers,
+    prunable_shapes,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# hidden 64, intermediate 128, 4 heads of 16, LLaMA with 2 key/value heads
+SHAPES = {
+    "llama": {
+        "self_attn.q_proj": (64, 64),
+        "self_attn.k_proj": (32, 64),
+        "self_attn.v_proj": (32, 64),
+        "self_attn.o_proj": (64, 64),
+        "mlp.gate_proj": (128, 64),
+        "mlp.up_proj": (128, 64),
+        "mlp.down_proj": (64, 128),
+    },
+    "opt": {
+        "self_attn.q_proj": (64, 64),
+        "self_attn.k_proj": (64, 64),
+        "self_attn.v_proj": (64, 64),
+        "self_attn.out_proj": (64, 64),
+        "fc1": (128, 64),
+        "fc2": (64, 128),
+    },
+}
+PREFIX = {"llama": "model.layers.", "opt": "model.decoder.layers."}
+SEQUENTIAL_GROUPS = {  # linears that see the same input, in the order the inputs are computed
+    "llama": [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+        ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"],
+        ["mlp.down_proj"],
+    ],
+    "opt": [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+        ["self_attn.out_proj"],
+        ["fc1"],
+        ["fc2"],
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir: Path):
+    return load_model(str(tiny_model_dir))
+
+
+def family(model: nn.Module) -> str:
+    return model.config.model_type
+
+
+def test_load_model(loaded) -> None:
+    model, tokenizer = loaded
+    assert not model.training and model.config.use_cache is False
+    assert next(model.parameters()).dtype == torch.float32
+    assert tokenizer.eos_token == "<eos>" and len(tokenizer) == model.config.vocab_size
+
+
+def test_load_model_dtype(tiny_llama_dir: Path) -> None:
+    model, _ = load_model(str(tiny_llama_dir), dtype="bfloat16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_adapter(loaded) -> None:
+    model = loaded[0]
+    adapter = get_adapter(model)
+    assert adapter.family == family(model)
+    assert adapter.prefix(3) == f"{PREFIX[adapter.family]}3."
+    assert adapter.layers(model) is model.get_submodule(PREFIX[adapter.family][:-1])
+    assert num_layers(model) == 4
+
+
+def test_prunable_shapes(loaded) -> None:
+    model = loaded[0]
+    shapes = prunable_shapes(model)
+    prefix, expected = PREFIX[family(model)], SHAPES[family(model)]
+    assert sorted(shapes) == [0, 1, 2, 3]
+    for i, layer in shapes.items():
+        assert layer == {f"{prefix}{i}.{name}.weight": shape for name, shape in expected.items()}
+    state = model.state_dict()
+    assert all(tuple(state[k].shape) == s for layer in shapes.values() for k, s in layer.items())
+
+
+def test_linear_groups(loaded) -> None:
+    model = loaded[0]
+    adapter = get_adapter(model)
+    layer = copy.deepcopy(adapter.layers(model)[0])
+    assert linear_groups(layer, adapter, true_sequential=False) == [list(SHAPES[family(model)])]
+    assert linear_groups(layer, adapter, true_sequential=True) == SEQUENTIAL_GROUPS[family(model)]
+    layer.extra = nn.Linear(64, 64)  # a variant the table does not know still gets pruned
+    assert linear_groups(layer, adapter, true_sequential=True)[-1] == ["extra"]
+    assert linear_groups(layer, adapter, true_sequential=False)[0][-1] == "extra"
+
+
+def test_layer_state_round_trip(loaded) -> None:
+    model = copy.deepcopy(loaded[0])
+    saved = {k: v.clone() for k, v in layer_state(model, [2, 1, 2]).items()}
+    shapes = prunable_shapes(model)
+    assert set(saved) == set(shapes[1]) | set(shapes[2])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    halved = {k: (v / 2).double() for k, v in saved.items()}  # other dtypes are cast on load
+    load_layer_state(model, halved)
+    after = model.state_dict()
+    for key, value in after.items():
+        expected = halved[key].float() if key in halved else before[key]
+        assert value.dtype == before[key].dtype and torch.equal(value, expected), key
+    load_layer_state(model, saved)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_load_layer_state_rejects_unknown_keys(loaded) -> None:
+    model = loaded[0]
+    with pytest.raises(ModelError, match="not in the model: model.layers.99.mlp.up_proj.weight"):
+        load_layer_state(model, {"model.layers.99.mlp.up_proj.weight": torch.zeros(1)})
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100))
+
+
+@pytest.mark.parametrize(
+    ("make", "kind"), [(tiny_gpt2, "'gpt2'"), (lambda: nn.Linear(4, 4), "'Linear'")]
+)
+def test_unknown_architecture(make, kind: str) -> None:
+    with pytest.raises(ModelError, match=f"unknown architecture {kind}"):
+        get_adapter(make())
+
+
+def test_load_model_rejects_unknown_architecture(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    tiny_gpt2().save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((tiny_llama_dir / name).read_bytes())
+    with pytest.raises(ModelError, match="unknown architecture 'gpt2'"):
+        load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("files", "spec", "match"),
+    [
+        ([], "./no/such/dir", "no such model directory"),
+        ([], "{tmp}", "no config.json and not exactly one .gguf"),
+        (["a.gguf", "b.gguf"], "{tmp}", "no config.json and not exactly one .gguf"),
+    ],
+)
+def test_load_model_rejects_bad_specs(
+    tmp_path: Path, files: list[str], spec: str, match: str
+) -> None:
+    for name in files:
+        (tmp_path / name).touch()
+    with pytest.raises(ModelError, match=match):
+        load_model(spec.format(tmp=tmp_path))
+
+
+def test_load_model_rejects_unknown_dtype(tiny_llama_dir: Path) -> None:
+    with pytest.raises(ModelError, match="dtype 'int8' is not one of float32"):
+        load_model(str(tiny_llama_dir), dtype="int8")
