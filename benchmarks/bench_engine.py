@@ -45,6 +45,7 @@ def run_config(config: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model)
     row: dict = {"config": config, "threads": torch.get_num_threads()}
+    row["load_1min_start"] = os.getloadavg()[0]  # other work on the machine skews the times
     row["rss_loaded_gib"] = peak_rss_gib()
     if config != "dense":
         method, target = config.split("/")
@@ -69,6 +70,7 @@ def run_config(config: str, args: argparse.Namespace) -> dict:
         row[f"ppl_{name}"] = perplexity(model, tokens, args.seqlen, args.device, max_windows)
         row[f"eval_seconds_{name}"] = time.perf_counter() - start
     row["rss_peak_gib"] = peak_rss_gib()
+    row["load_1min_end"] = os.getloadavg()[0]
     return row
 
 

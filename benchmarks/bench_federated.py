@@ -1,107 +1,158 @@
-"""Compare federated pruning methods with real `flwr run` simulations on SmolLM2-135M.
+"""Compare federated pruning methods on SmolLM2-135M with 4 non-IID clients.
 
-Each (method, sparsity) cell is one run of ``scripts/run_simulation.sh`` (4 non-IID SuperNodes:
-two on WikiText-2 valid, two on PTB valid) whose ``report.json`` gives perplexity on the
-WikiText-2 and PTB test text and the bytes uploaded. Usage::
+The clients and the server run the app's own task code in one process (``ClientWorker.run``
+builds each client's payload from its private shard, ``GlobalModel`` decodes and aggregates
+it), without Flower's transport, so that work shared by several methods is done once:
+fedprllm, fedavg, local-only and fedspallm with ``scope=all`` all start from each client pruning
+every layer on its own data (the layers a fedspallm client uploads are then a subset, chosen by
+the same ``assign_layers`` as the strategy). ``fedspallm`` (default ``scope=assigned``) and
+``centralized`` (one client calibrated on all four shards) run their own jobs. The real
+``flwr run`` of the default config is measured separately (docs/benchmarks.md).
 
     FEDSPALLM_DATA=../shared/data python benchmarks/bench_federated.py --out bench-fed.json
-
-Prints a markdown table; ``--out`` keeps every report's summary as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-# row label -> run-config overrides
-METHODS = {
-    "fedspallm": "method='fedspallm'",
-    "fedspallm (scope=all)": "method='fedspallm' scope='all'",
-    "fedprllm": "method='fedprllm'",
-    "fedavg": "method='fedavg'",
-    "local-only (mean)": "method='local-only'",
-    "centralized": "method='centralized'",
-}
+from pruning.federated import ClientData, ClientWorker, GlobalModel, JobSpec, evaluate_sources
+from pruning.payload import decode_payload, encode_payload, layer_index
+from pruning.sampling import assign_layers
+
+SOURCES = ["wikitext2/wiki.valid.tokens", "ptb/ptb.valid.txt"]
+EVAL = ["wikitext2/wiki.test.raw", "ptb/ptb.test.txt"]
+AGGREGATOR = {"fedprllm": "mask-vote", "fedavg": "fedavg", "centralized": "l0"}
 
 
-def run(label: str, sparsity: float, extra: str, home: Path, out: Path) -> dict:
-    """One simulation; returns the figures of its report."""
-    overrides = f"{METHODS[label]} sparsity={sparsity} out-dir='{out}' {extra}"
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+def merged(
+    model: str, spec: JobSpec, aggregator: str, layers_of: dict, payloads: dict, windows: int
+) -> dict[str, float]:
+    """Aggregate ``payloads`` layer by layer (each over the clients holding it) and evaluate."""
+    server = GlobalModel(model, spec.sparsity, spec.pattern, aggregator)
+    for layer in range(server.num_layers):
+        holders = [c for c, layers in layers_of.items() if layer in layers]
+        server.aggregate(layer, [server.decode(payloads[c], layers_of[c]) for c in holders])
+    return evaluate_sources(server.model, server.tokenizer, EVAL, spec.seqlen, windows)
+
+
+def run_sparsity(
+    model: str, worker: ClientWorker, spec: JobSpec, budgets: list[int], windows: int
+) -> list[dict]:
+    n = worker.num_layers
+    clients = range(len(budgets))
+    data = {
+        c: ClientData(sources=SOURCES, partition_id=c, num_partitions=len(budgets)) for c in clients
     }
-    before = set(out.glob("*"))
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [str(ROOT / "scripts/run_simulation.sh"), "--run-config", overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
+    rows, timing = [], {}
+
+    def jobs(label: str, layers_of: dict, **kw) -> dict[int, bytes]:
+        start = time.perf_counter()
+        out = {c: worker.run(spec.job(1, layers_of[c], **kw), data[c])[0] for c in layers_of}
+        timing[label] = time.perf_counter() - start
+        return out
+
+    def row(method: str, ppl: dict, upload: int, **extra) -> None:
+        rows.append(
+            {
+                "method": method,
+                "sparsity": spec.sparsity,
+                "perplexity": ppl,
+                "upload_bytes": upload,
+                **extra,
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+
+    every = {c: list(range(n)) for c in clients}
+    full = jobs("full", every)
+    plan = assign_layers(
+        {str(c): budgets[c] for c in clients}, list(range(n)), spec.seed, 1
+    ).per_client
+    sampled = {int(c): layers for c, layers in plan.items()}
+    own = jobs("assigned", sampled)
+    central = jobs("central", {0: list(range(n))}, union=True)
+
+    row(
+        "fedspallm",
+        merged(model, spec, "l0", sampled, own, windows),
+        sum(map(len, own.values())),
+        client_seconds=timing["assigned"],
     )
-    wall = time.perf_counter() - start
-    new = sorted(set(out.glob("*")) - before)
-    if proc.returncode or not new:
-        sys.exit(f"{label} @ {sparsity}: run failed\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    report = json.loads((new[0] / "report.json").read_text())
-    return {
-        "method": label,
-        "sparsity": sparsity,
-        "perplexity": report["perplexity"]["pruned"],
-        "dense": report["perplexity"].get("dense", {}),
-        "clients": report["perplexity"].get("clients", {}),
-        "upload_bytes": report["bytes"]["total_up"],
-        "download_bytes": report["bytes"]["total_down"],
-        "rounds": len(report["rounds"]),
-        "wall_seconds": wall,
-        "complete": report["complete"],
+    sub = {c: worker_subset(full[c], sampled[c]) for c in sampled}
+    row(
+        "fedspallm (scope=all)",
+        merged(model, spec, "l0", sampled, sub, windows),
+        sum(map(len, sub.values())),
+    )
+    for method in ("fedprllm", "fedavg"):
+        row(
+            method,
+            merged(model, spec, AGGREGATOR[method], every, full, windows),
+            sum(map(len, full.values())),
+            client_seconds=timing["full"],
+        )
+    server = GlobalModel(model, spec.sparsity, spec.pattern)
+    alone = {
+        c: server.evaluate_alone(server.decode(full[c], every[c]), EVAL, spec.seqlen, windows)
+        for c in clients
     }
+    mean = {s: sum(a[s] for a in alone.values()) / len(alone) for s in EVAL}
+    row("local-only (mean)", mean, sum(map(len, full.values())), clients=alone)
+    row(
+        "centralized",
+        merged(model, spec, "l0", {0: every[0]}, central, windows),
+        len(central[0]),
+        client_seconds=timing["central"],
+    )
+    return rows
+
+
+def worker_subset(blob: bytes, layers: list[int]) -> bytes:
+    """The payload a client would have sent for ``layers`` only (same codec, same values)."""
+    decoded = decode_payload(blob)
+    keys = [k for k in decoded.sparse if layer_index(k) in layers]
+    meta = replace(decoded.meta, layers=sorted(layers))
+    return encode_payload(
+        {k: decoded.weights[k] for k in keys}, meta, {k: decoded.masks[k] for k in keys}
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--sparsities", default="0.5,0.7")
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--extra", default="", help="more run-config overrides for every run")
+    parser.add_argument("--budgets", default="24,16,12,8", help="layers per client and round")
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=32)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        home, out = Path(tmp) / "flwr", Path(tmp) / "runs"
-        out.mkdir()
-        for sparsity in [float(s) for s in args.sparsities.split(",")]:
-            for i, label in enumerate(args.methods.split(",")):
-                dense = "eval-dense=true" if i == 0 else "eval-dense=false"
-                rows.append(run(label, sparsity, f"{dense} {args.extra}", home, out))
-                print(json.dumps(rows[-1]), flush=True)
-    sources = list(rows[0]["perplexity"])
-    print(
-        "\n| sparsity | method | "
-        + " | ".join(Path(s).name for s in sources)
-        + " | upload MiB | rounds | wall s |"
-    )
-    print("|---" * (len(sources) + 5) + "|")
+    worker = ClientWorker(args.model)
+    budgets = [int(b) for b in args.budgets.split(",")]
+    server = GlobalModel(args.model, 0.5)
+    rows = [
+        {
+            "method": "dense",
+            "sparsity": 0.0,
+            "upload_bytes": 0,
+            "perplexity": evaluate_sources(
+                server.model, server.tokenizer, EVAL, args.seqlen, args.eval_windows
+            ),
+        }
+    ]
+    for sparsity in [float(s) for s in args.sparsities.split(",")]:
+        spec = JobSpec(sparsity=sparsity, nsamples=args.nsamples, seqlen=args.seqlen)
+        rows += run_sparsity(args.model, worker, spec, budgets, args.eval_windows)
+    print("\n| sparsity | method | " + " | ".join(Path(s).name for s in EVAL) + " | upload MiB |")
+    print("|---" * (len(EVAL) + 3) + "|")
     for r in rows:
-        ppl = " | ".join(f"{r['perplexity'][s]:.2f}" for s in sources)
-        print(
-            f"| {r['sparsity']} | {r['method']} | {ppl} | {r['upload_bytes'] / 2**20:.1f} | "
-            f"{r['rounds']} | {r['wall_seconds']:.0f} |"
-        )
-    dense = next((r["dense"] for r in rows if r["dense"]), {})
-    if dense:
-        print("\ndense: " + ", ".join(f"{Path(s).name} {v:.2f}" for s, v in dense.items()))
+        ppl = " | ".join(f"{r['perplexity'][s]:.2f}" for s in EVAL)
+        print(f"| {r['sparsity']} | {r['method']} | {ppl} | {r['upload_bytes'] / 2**20:.1f} |")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2))
 

@@ -28,11 +28,9 @@ SCOPES = ("assigned", "all")
 
 
 @dataclass
-class Job:
-    """One client's work for one round, as the server sends it (no model, no data)."""
+class JobSpec:
+    """What every pruning job of a run shares (the server's run config sets it)."""
 
-    round: int
-    layers: list[int]  # layers to prune and upload
     sparsity: float = 0.5
     pattern: str = ""
     pruner: str = "sparsegpt"
@@ -43,6 +41,18 @@ class Job:
     # "all": prune every layer up to the last uploaded one, so each sees pruned inputs
     scope: str = "assigned"
     true_sequential: bool = False
+
+    def job(self, round: int, layers: list[int], union: bool = False) -> Job:
+        shared = {f.name: getattr(self, f.name) for f in fields(JobSpec)}
+        return Job(**shared, round=round, layers=list(layers), union=union)
+
+
+@dataclass
+class Job(JobSpec):
+    """One client's work for one round, as the server sends it (no model, no data)."""
+
+    round: int = 0
+    layers: list[int] = field(default_factory=list)  # layers to prune and upload
     union: bool = False  # calibrate on every partition (the centralized baseline)
 
     def to_config(self) -> dict:
@@ -186,6 +196,8 @@ class GlobalModel:
     ):
         self.model, self.tokenizer = load_model(model_spec, dtype)
         self.sparsity, self.pattern = sparsity, pattern
+        if vote_scaling and aggregator != "mask-vote":
+            raise ValueError("vote-scaling applies to the mask-vote aggregator (fedprllm) only")
         self.aggregator, self.vote_scaling = aggregator, vote_scaling
         self.layer_shapes = prunable_shapes(self.model)
         self.shapes = flat_shapes(self.layer_shapes)

@@ -107,17 +107,19 @@ class SparseTensor:
 
     @classmethod
     def pack(cls, weight: torch.Tensor, mask: torch.Tensor) -> SparseTensor:
+        """Bitmask and kept values of ``weight`` under its keep ``mask``."""
         if weight.dim() == 0 or mask.shape != weight.shape or mask.dtype != torch.bool:
             raise ValueError(f"need a bool mask of shape {tuple(weight.shape)} for a >=1-d weight")
         if weight.dtype not in FLOAT_DTYPES:
             raise ValueError(f"weights must be floating point, got {weight.dtype}")
-        mask2d = mask.detach().cpu().reshape(-1, weight.shape[-1]).numpy()
-        bits = np.packbits(mask2d, axis=-1, bitorder="little")
+        keep = mask.detach().cpu().numpy()
+        bits = np.packbits(keep.reshape(-1, weight.shape[-1]), axis=-1, bitorder="little")
         # numpy's boolean indexing streams (torch's masked_select builds an int64 prefix sum);
         # viewing as a same-width int also covers bfloat16, which numpy lacks
-        raw = as_int(weight.detach().cpu().contiguous()).numpy()[mask.cpu().numpy()]
-        values = torch.from_numpy(raw).view(weight.dtype)
-        return cls(tuple(weight.shape), torch.from_numpy(bits), values)
+        raw = as_int(weight.detach().cpu().contiguous()).numpy()[keep]
+        return cls(
+            tuple(weight.shape), torch.from_numpy(bits), torch.from_numpy(raw).view(weight.dtype)
+        )
 
     def mask(self) -> torch.Tensor:
         bits = np.unpackbits(self.bitmask.numpy(), axis=-1, count=self.shape[-1], bitorder="little")
@@ -126,9 +128,8 @@ class SparseTensor:
     def unpack(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense weight (zero where pruned) and its keep mask."""
         mask = self.mask()
-        return torch.zeros(self.shape, dtype=self.values.dtype).masked_scatter_(
-            mask, self.values
-        ), mask
+        dense = torch.zeros(self.shape, dtype=self.values.dtype).masked_scatter_(mask, self.values)
+        return dense, mask
 
 
 class _LazyMap(Mapping[str, torch.Tensor]):

@@ -8,8 +8,9 @@ Conventions used everywhere in this project:
   consecutive weights along the input dimension (the last axis of a ``[out, in]`` weight), so it
   implies ``sparsity = 1 - N/M``. ``2:4`` is the pattern sparse tensor cores accelerate.
 * Counts are exact: a matrix pruned to ``sparsity`` loses ``round(sparsity * numel)`` weights.
-  Ties between equal scores are broken by position (lower flat index pruned first), which makes
-  every mask a pure function of its inputs.
+  Ties between equal scores are broken by position, which makes every mask a pure function of
+  its inputs: in a whole-tensor or per-row ranking the lower flat index is pruned first; inside
+  an N:M group the lower index is kept.
 """
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ def main(grid: Grid, context: Context) -> None:
         "config": dict(cfg),
         "num_layers": model.num_layers,
         "nodes": {
-            str(n): {"budget": strategy.budgets.get(n, 0), "resources": r}
+            str(n): {"budget": strategy.reported_budgets.get(n, 0), "resources": r}
             for n, r in strategy.resources.items()
         },
         "rounds": rounds,

@@ -27,7 +27,7 @@ from flwr.app import (
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from pruning.federated import GlobalModel, Job
+from pruning.federated import GlobalModel, Job, JobSpec
 from pruning.payload import Decoded, PayloadError
 from pruning.sampling import assign_layers, budget_from_resources
 
@@ -44,20 +44,12 @@ PRESETS = {
 
 
 @dataclass
-class Settings:
+class Settings(JobSpec):
     """Run-config values the server acts on (keys as in ``[tool.flwr.app.config]``)."""
 
     method: str = "fedspallm"
     num_server_rounds: int = 3
     min_nodes: int = 2
-    sparsity: float = 0.5
-    pattern: str = ""
-    pruner: str = "sparsegpt"
-    nsamples: int = 32
-    seqlen: int = 512
-    seed: int = 0
-    scope: str = "assigned"
-    true_sequential: bool = False
     round_timeout: float = 3600.0
     node_wait_timeout: float = 600.0
     max_payload_mb: float = 0.0  # 0: twice the dense bytes of the assigned layers
@@ -87,12 +79,14 @@ class FedSpaLLMStrategy(Strategy):
 
     def __init__(self, model: GlobalModel, settings: Settings) -> None:
         self.model, self.settings = model, settings
-        self.budgets: dict[int, int] = {}
+        self.budgets: dict[int, int] = {}  # nodes still taking work -> layers per round
+        self.reported_budgets: dict[int, int] = {}
         self.resources: dict[int, dict] = {}
         self.remaining: list[int] = list(range(model.num_layers))
         self.rounds: list[RoundLog] = []
         self.local: dict[int, Decoded] = {}  # local-only preset: every node's own layers
         self._jobs: dict[int, Job] = {}
+        self._sent: list[Message] = []
 
     # -- orchestration -------------------------------------------------------------------------
 
@@ -134,7 +128,7 @@ class FedSpaLLMStrategy(Strategy):
         ]
         layer_bytes = self.model.layer_bytes()
         for reply in grid.send_and_receive(messages, timeout=self.settings.round_timeout):
-            node = reply.metadata.src_node_id
+            node = _sender(reply, messages)
             if reply.has_error():
                 log.warning("node %d did not report resources: %s", node, reply.error.reason)
                 continue
@@ -146,6 +140,7 @@ class FedSpaLLMStrategy(Strategy):
                 float(res["memory-gb"]) if res.get("memory-gb", 0) > 0 else None,
                 layer_bytes,
             )
+        self.reported_budgets = dict(self.budgets)
         self.budgets = {n: b for n, b in self.budgets.items() if b > 0}
         log.info("node budgets (layers per round): %s", self.budgets)
 
@@ -172,22 +167,9 @@ class FedSpaLLMStrategy(Strategy):
         assignment, uncovered = self._assign(server_round)
         log.info("round %d: assignment %s, carried over %s", server_round, assignment, uncovered)
         self.rounds.append(RoundLog(server_round, assignment, uncovered))
-        s = self.settings
         messages = []
         for node, layers in assignment.items():
-            job = Job(
-                server_round,
-                layers,
-                s.sparsity,
-                s.pattern,
-                s.pruner,
-                s.nsamples,
-                s.seqlen,
-                s.seed,
-                s.scope,
-                s.true_sequential,
-                union=s.method == "centralized",
-            )
+            job = self.settings.job(server_round, layers, self.settings.method == "centralized")
             self._jobs[node] = job
             records = {"config": ConfigRecord(job.to_config())}
             below = [i for i in self.model.done if i < max(layers)]
@@ -207,6 +189,7 @@ class FedSpaLLMStrategy(Strategy):
                     RecordDict(records), MessageType.TRAIN, node, str(server_round), self._ttl()
                 )
             )
+        self._sent = messages
         return messages
 
     def aggregate_train(
@@ -216,7 +199,7 @@ class FedSpaLLMStrategy(Strategy):
         current = self.rounds[-1]
         valid: dict[int, Decoded] = {}
         for reply in replies:
-            node = reply.metadata.src_node_id
+            node = _sender(reply, self._sent)
             entry = current.replies.setdefault(node, {"bytes_down": 0})
             if node not in current.assignment:
                 log.warning("ignoring a reply from node %d, which had no job", node)
@@ -290,6 +273,18 @@ class FedSpaLLMStrategy(Strategy):
             self.settings.sparsity,
             self.settings.pattern,
         )
+
+
+def _sender(reply: Message, sent: list[Message]) -> int:
+    """The node a reply answers for. Error replies made by the SuperLink for a vanished node
+    carry the SuperLink's id as source, so match on the id of the message they answer."""
+    for msg in sent:
+        if (
+            msg.metadata.message_id
+            and msg.metadata.message_id == reply.metadata.reply_to_message_id
+        ):
+            return msg.metadata.dst_node_id
+    return reply.metadata.src_node_id
 
 
 def _message(content: RecordDict, kind: str, node: int, group: str, ttl: float) -> Message:

@@ -124,8 +124,8 @@ class ProcessRegistry:
         return managed
 
     @staticmethod
-    def kill(managed: Managed, sig: signal.Signals = signal.SIGKILL) -> None:
-        """Send `sig` to the process, its session and every descendant (a crash)."""
+    def kill(managed: Managed, sig: signal.Signals) -> None:
+        """Send `sig` to the process, its session and every descendant (SIGKILL: a crash)."""
         victims = managed.descendants()
         try:
             os.killpg(managed.popen.pid, sig)
@@ -181,7 +181,10 @@ def _alive(proc: psutil.Process) -> bool:
 def run_cli(
     args: list[str], env: Mapping[str, str], timeout: float = 60.0, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """Run a CLI command to completion with a hard timeout; never raises on failure."""
+    """Run a CLI command to completion; any exit status is returned, not raised.
+
+    Raises subprocess.TimeoutExpired (after killing the command) past `timeout` seconds.
+    """
     return subprocess.run(
         args,
         env=dict(env),

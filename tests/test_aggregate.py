@@ -59,24 +59,27 @@ def ref_l0(updates):
 def ref_keep(weight, count, sparsity, pattern=None, per_row=False):
     """Sort positions by (count, |w|, index) and prune from the front, in the requested scope."""
     rows, cols = weight.shape
-    key = [
-        [(int(count[i, j]), abs(float(weight[i, j])), j) for j in range(cols)] for i in range(rows)
-    ]
-    keep = torch.ones(rows, cols, dtype=torch.bool)
-    if pattern:  # keep the best N of each group; equal keys: lower index kept (as keep_nm)
-        for i, g in itertools.product(range(rows), range(0, cols, pattern.m)):
-            group = sorted(range(g, g + pattern.m), key=lambda j: (-key[i][j][0], -key[i][j][1], j))
-            keep[i, group[pattern.n :]] = False
+
+    def key(p):  # p = (row, col); tuples sort like flat indices
+        return int(count[p]), abs(float(weight[p])), p
+
+    def best_first(p):  # within an N:M group equal keys keep the lower index (as keep_nm)
+        return -key(p)[0], -key(p)[1], p
+
+    if pattern:
+        starts = itertools.product(range(rows), range(0, cols, pattern.m))
+        groups = [[(i, j) for j in range(g, g + pattern.m)] for i, g in starts]
+        pruned = [p for group in groups for p in sorted(group, key=best_first)[pattern.n :]]
     elif per_row:
-        for i, n_prune in enumerate(prune_counts_per_row(rows, cols, sparsity).tolist()):
-            keep[i, sorted(range(cols), key=lambda j: key[i][j])[:n_prune]] = False
+        n_prune = prune_counts_per_row(rows, cols, sparsity).tolist()
+        by_row = [sorted(((i, j) for j in range(cols)), key=key) for i in range(rows)]
+        pruned = [p for row, n in zip(by_row, n_prune, strict=True) for p in row[:n]]
     else:
-        flat = sorted(
-            itertools.product(range(rows), range(cols)),
-            key=lambda p: key[p[0]][p[1]][:2] + (p[0] * cols + p[1],),
-        )
-        for i, j in flat[: prune_count(rows * cols, sparsity)]:
-            keep[i, j] = False
+        everything = sorted(itertools.product(range(rows), range(cols)), key=key)
+        pruned = everything[: prune_count(rows * cols, sparsity)]
+    keep = torch.ones(rows, cols, dtype=torch.bool)
+    for p in pruned:
+        keep[p] = False
     return keep
 
 

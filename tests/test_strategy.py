@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -48,6 +49,7 @@ class FakeGrid(Grid):
     def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
         replies = []
         for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as the real grids do
             self.sent.append(msg)
             reply = self.nodes[msg.metadata.dst_node_id](msg)
             if reply is not None:
@@ -89,6 +91,10 @@ def failing_after_query(node: Behaviour, failure: str) -> Behaviour:
             return None
         if failure == "error":
             return Message(Error(code=1, reason="CUDA out of memory"), reply_to=msg)
+        if failure == "vanished":  # the SuperLink answers for a node that went away
+            reply = Message(Error(code=2, reason="node unavailable"), reply_to=msg)
+            reply.metadata.__dict__["_src_node_id"] = 1
+            return reply
         garbage = b"\x00" * 64  # not safetensors
         return Message(
             RecordDict(
@@ -142,7 +148,7 @@ def test_assignment_follows_budgets_and_covers_every_layer(setup: dict) -> None:
             assert abs(int((weight == 0).sum()) - rows * cols // 2) <= 1
 
 
-@pytest.mark.parametrize("failure", ["dropout", "error", "garbage"])
+@pytest.mark.parametrize("failure", ["dropout", "error", "vanished", "garbage"])
 def test_failed_node_layers_are_reassigned(setup: dict, failure: str) -> None:
     w, d = setup["worker"], setup["data"]
     nodes = {
@@ -153,6 +159,7 @@ def test_failed_node_layers_are_reassigned(setup: dict, failure: str) -> None:
     strategy = run_strategy(setup, nodes)
     first, second = strategy.rounds[0], strategy.rounds[1]
     assert not first.replies[3]["ok"] and first.replies[3]["reason"]
+    assert set(first.replies) == {1, 2, 3}  # no reply is booked on a node that had no job
     lost = set(first.assignment[3]) - set(first.aggregated)
     assert lost, "node 3 held layers nobody else pruned in round 1"
     assert 3 not in second.assignment
