@@ -5,7 +5,9 @@
 # already running before.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-FLWR="${FLWR:-$(command -v flwr || echo .venv/bin/flwr)}"
+FLWR="${FLWR:-$(command -v flwr || echo "$PWD/.venv/bin/flwr")}"
+# `flwr run` starts `flower-superlink` by name: it must be on PATH even without an active venv
+export PATH="$(dirname "$FLWR"):$PATH"
 export FLWR_HOME="${FLWR_HOME:-$HOME/.flwr}"
 NUM_SUPERNODES="${NUM_SUPERNODES:-4}"
 CPUS_PER_CLIENT="${CPUS_PER_CLIENT:-2}"
@@ -34,5 +36,17 @@ stop_superlink() {  # the SuperLink and the simulation process it spawned
   done
 }
 trap stop_superlink EXIT
+# the local SuperLink installs nothing: this environment already holds every dependency
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="${FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION:-1}"
+log=$(mktemp)
 "$FLWR" run . "$CONN" --stream \
-  --run-config "data-dir='$(realpath "$data")' out-dir='$PWD/runs'" "$@"
+  --run-config "data-dir='$(realpath "$data")' out-dir='$PWD/runs'" "$@" 2>&1 | tee "$log"
+# `flwr run --stream` exits 0 even when the run failed: ask the SuperLink how it ended
+run_id=$(grep -o 'Successfully started run [0-9]*' "$log" | grep -o '[0-9]*$' || true)
+rm -f "$log"
+[ -n "$run_id" ] || { echo "run_simulation: the run did not start" >&2; exit 1; }
+status=$("$FLWR" ls "$CONN" --run-id "$run_id" --format json | grep -o '"status": *"[^"]*"' || true)
+case "$status" in
+  *finished:completed*) echo "run_simulation: run $run_id completed" ;;
+  *) echo "run_simulation: run $run_id did not complete ($status)" >&2; exit 1 ;;
+esac
