@@ -89,6 +89,11 @@ def run_sparsity(
         merged(model, spec, "l0", sampled, sub, windows),
         sum(map(len, sub.values())),
     )
+    row(  # diagnostic: the l0 merge with every client on every layer (4 per layer, not ~2)
+        "fedspallm (every client, every layer)",
+        merged(model, spec, "l0", every, full, windows),
+        sum(map(len, full.values())),
+    )
     for method in ("fedprllm", "fedavg"):
         row(
             method,

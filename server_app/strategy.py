@@ -152,13 +152,25 @@ class FedSpaLLMStrategy(Strategy):
     def _assign(self, rnd: int) -> tuple[dict[int, list[int]], list[int]]:
         nodes = sorted(self.budgets)
         if self.settings.method == "fedspallm":
-            plan = assign_layers(
-                {str(n): self.budgets[n] for n in nodes}, self.remaining, self.settings.seed, rnd
-            )
-            return {int(n): layers for n, layers in plan.per_client.items()}, plan.uncovered
+            keys = self._sampling_keys()
+            budgets = {keys[n]: self.budgets[n] for n in nodes}
+            plan = assign_layers(budgets, self.remaining, self.settings.seed, rnd)
+            node_of = {key: n for n, key in keys.items()}
+            return {node_of[k]: layers for k, layers in plan.per_client.items()}, plan.uncovered
         if self.settings.method == "centralized":
             return {nodes[0]: list(self.remaining)}, []
         return {n: list(self.remaining) for n in nodes}, []
+
+    def _sampling_keys(self) -> dict[int, str]:
+        """A stable name per node for the layer sampler, so the same config gives the same masks.
+
+        Simulation draws random node ids on every run, but each node there reports a distinct
+        partition id, which names it; elsewhere (deployment) the node id does.
+        """
+        pids = {n: int(self.resources.get(n, {}).get("partition-id", -1)) for n in self.budgets}
+        if min(pids.values(), default=-1) >= 0 and len(set(pids.values())) == len(pids):
+            return {n: str(p) for n, p in pids.items()}
+        return {n: str(n) for n in self.budgets}
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

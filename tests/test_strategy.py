@@ -57,15 +57,16 @@ class FakeGrid(Grid):
         return replies
 
 
-def honest_node(worker: ClientWorker, data: ClientData, budget: int) -> Behaviour:
+def honest_node(
+    worker: ClientWorker, data: ClientData, budget: int, partition_id: int = -1
+) -> Behaviour:
     """A node that answers the query with its budget and prunes what it is told."""
     from flwr.app import Array, ArrayRecord
 
     def behave(msg: Message) -> Message:
         if msg.metadata.message_type == MessageType.QUERY:
-            return Message(
-                RecordDict({"resources": MetricRecord({"max-layers": budget})}), reply_to=msg
-            )
+            resources = MetricRecord({"max-layers": budget, "partition-id": partition_id})
+            return Message(RecordDict({"resources": resources}), reply_to=msg)
         job = Job.from_config(dict(msg.content.config_records["config"]))
         down = msg.content.array_records.get("global")
         blob, metrics = worker.run(job, data, down["payload"].data if down else None)
@@ -146,6 +147,21 @@ def test_assignment_follows_budgets_and_covers_every_layer(setup: dict) -> None:
         for key, (rows, cols) in layer.items():
             weight = dict(strategy.model.model.named_parameters())[key]
             assert abs(int((weight == 0).sum()) - rows * cols // 2) <= 1
+
+
+def test_simulated_nodes_are_sampled_by_partition_not_by_random_node_id(setup: dict) -> None:
+    """Simulation draws new node ids every run; the same config must still give the same masks."""
+    w, d = setup["worker"], setup["data"]
+    runs = []
+    for ids in ([11, 22, 33], [903, 17, 455]):  # node ids in partition order 0, 1, 2
+        budgets = dict(zip(ids, [1, 2, 2], strict=True))
+        nodes = {n: honest_node(w, d, budgets[n], partition_id=ids.index(n)) for n in ids}
+        strategy = run_strategy(setup, nodes)
+        by_partition = {ids.index(n): v for n, v in strategy.rounds[0].assignment.items()}
+        runs.append((by_partition, dict(strategy.model.model.named_parameters())))
+    (first, weights), (second, weights_again) = runs
+    assert first == second
+    assert all(torch.equal(weights[k], weights_again[k]) for k in weights)
 
 
 @pytest.mark.parametrize("failure", ["dropout", "error", "vanished", "garbage"])
