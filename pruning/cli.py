@@ -80,7 +80,7 @@ def _cmd_fetch(args) -> dict:
 
 
 def _cmd_prune(args) -> dict:
-    from .data import get_calibration
+    from .data import check_source, get_calibration
     from .driver import PruneConfig, prune_layers
     from .evaluate import sparsity_report
     from .models import load_model, num_layers
@@ -94,6 +94,8 @@ def _cmd_prune(args) -> dict:
     cfg.parsed_pattern()  # validate before the slow parts
     if args.out.exists() and any(args.out.iterdir()):
         raise FileExistsError(f"{args.out} exists and is not empty")
+    for source in (args.calib_data, *args.eval_data):
+        check_source(source)
     model, tokenizer = load_model(args.model, args.dtype)
     layers = list(range(num_layers(model)))
     if args.layers:
@@ -128,9 +130,12 @@ def _cmd_prune(args) -> dict:
 
 
 def _cmd_eval(args) -> dict:
+    from .data import check_source
     from .evaluate import sparsity_report
     from .models import load_model
 
+    for source in args.data:
+        check_source(source)
     model, tokenizer = load_model(args.model, args.dtype)
     return {
         "model": args.model,
@@ -159,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its weight-loading bar would bury our one error line
     commands = {"fetch-model": _cmd_fetch, "prune": _cmd_prune, "eval": _cmd_eval}
     start = time.perf_counter()
     try:

@@ -73,16 +73,22 @@ def _read_rows(path: Path, field: str) -> list[str]:
         raise DataError(f"{path}: not UTF-8 text") from err
 
 
+def check_source(source: str) -> None:
+    """Fail fast on a source that is neither a local file nor a known corpus name, so that a typo
+    is reported before a large model is loaded."""
+    if _resolve_path(source) is None and source not in HUB_CORPORA:
+        raise DataError(
+            f"{source!r} is neither a readable file nor a corpus name ({', '.join(HUB_CORPORA)})"
+        )
+
+
 def load_text(source: str, split: str = "calibration", field: str = "text") -> str:
     """The whole text of ``source`` joined by its corpus convention."""
     path = _resolve_path(source)
     if path is not None:
         rows = [r for r in _read_rows(path, field) if r.strip()]
         return (" " if "ptb" in path.name.lower() else "\n\n").join(rows)
-    if source not in HUB_CORPORA:
-        raise DataError(
-            f"{source!r} is neither a readable file nor a corpus name ({', '.join(HUB_CORPORA)})"
-        )
+    check_source(source)
     hub_id, config, column, joiner, calib_split, eval_split = HUB_CORPORA[source]
     from datasets import load_dataset
 
