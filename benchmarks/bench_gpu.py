@@ -19,6 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from pruning.driver import PruneConfig, prune_layers
 from pruning.evaluate import sparsity_report
+from pruning.sparsity import Target
 
 SHAPES = {  # published configurations of the two families we time
     "smollm2-135m": dict(
@@ -53,7 +54,7 @@ def cpu_agreement(columns: int, rows: int, device: str) -> dict:
     for dev in ("cpu", device):
         pruner = SparseGPTPruner(columns, torch.device(dev))
         pruner.add_batch(x.to(dev))
-        out = pruner.prune(w.to(dev), 0.5, None)
+        out = pruner.prune(w.to(dev), Target(0.5))
         err = ((out.weight.cpu() - w) @ x.t()).norm() / (w @ x.t()).norm()
         results[dev] = (out.mask.cpu(), float(err))
     same = float((results["cpu"][0] == results[device][0]).float().mean())

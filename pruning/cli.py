@@ -91,7 +91,7 @@ def _cmd_prune(args) -> dict:
     if sparsity is None:
         sparsity = pattern.sparsity if pattern else 0.5
     cfg = PruneConfig(args.method, sparsity, args.pattern, true_sequential=args.true_sequential)
-    cfg.parsed_pattern()  # validate before the slow parts
+    cfg.target()  # validate before the slow parts
     if args.out.exists() and any(args.out.iterdir()):
         raise FileExistsError(f"{args.out} exists and is not empty")
     for source in (args.calib_data, *args.eval_data):

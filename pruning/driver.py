@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +19,7 @@ from torch import nn
 
 from .models import default_device, get_adapter, linear_groups
 from .pruners import make_pruner
-from .sparsity import Pattern, check_sparsity, parse_pattern
+from .sparsity import Target
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,9 @@ class PruneConfig:
     true_sequential: bool = False
     batch_size: int = 8  # calibration windows per forward call
 
-    def parsed_pattern(self) -> Pattern | None:
-        pattern = parse_pattern(self.pattern)
-        check_sparsity(self.sparsity, pattern)
-        return pattern
+    def target(self) -> Target:
+        """The run-wide target (validated); a refinement passes per-weight fixed masks instead."""
+        return Target.of(self.sparsity, self.pattern)
 
 
 @dataclass
@@ -47,6 +46,8 @@ class LayerReport:
     rel_error: float  # ‖Y_dense − Y_pruned‖ / ‖Y_dense‖ of the layer's output
     sparsity: dict[str, float] = field(default_factory=dict)  # linear name -> pruned fraction
     masks: dict[str, torch.Tensor] = field(default_factory=dict)  # state-dict key -> keep mask
+    # state-dict key -> per-input-column Σx² over the calibration tokens (see Pruner.column_energy)
+    energy: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -57,6 +58,9 @@ class PruneReport:
 
     def masks(self) -> dict[str, torch.Tensor]:
         return {k: m for r in self.layers.values() for k, m in r.masks.items()}
+
+    def energy(self) -> dict[str, torch.Tensor]:
+        return {k: e for r in self.layers.values() for k, e in r.energy.items()}
 
 
 class _Captured(Exception):
@@ -129,7 +133,7 @@ def _forward(
 
 
 @torch.no_grad()
-def _prune_group(layer, names, inps, kwargs, cfg, pattern, device, collect):
+def _prune_group(layer, names, inps, kwargs, cfg, target_of, device, collect):
     """Record the inputs of ``names`` over all calibration batches, then prune them.
 
     With ``collect`` the layer runs to the end and its (still dense) outputs are returned;
@@ -172,12 +176,14 @@ def _prune_group(layer, names, inps, kwargs, cfg, pattern, device, collect):
         finally:
             for h in handles:
                 h.remove()
-    masks = {}
+    masks, energy = {}, {}
     for n, m in modules.items():
-        result = pruners[n].prune(m.weight.data, cfg.sparsity, pattern)
+        result = pruners[n].prune(m.weight.data, target_of(n))
         m.weight.data = result.weight
         masks[n] = result.mask.cpu()
-    return masks, outs
+        if pruners[n].needs_inputs:
+            energy[n] = pruners[n].column_energy().cpu()
+    return masks, energy, outs
 
 
 @torch.no_grad()
@@ -188,12 +194,15 @@ def prune_layers(
     cfg: PruneConfig,
     device: torch.device | str | None = None,
     progress: bool = True,
+    targets: Callable[[str], Target] | None = None,
 ) -> PruneReport:
     """Prune the decoder layers in ``layer_ids`` in place; every other layer stays bit-identical.
 
     ``calib`` is a ``[N, seqlen]`` token tensor. Layers after the last chosen one are not run.
+    ``targets`` maps a weight's state-dict key to its :class:`Target` (default: ``cfg``'s).
     """
-    pattern = cfg.parsed_pattern()
+    default = cfg.target()
+    targets = targets or (lambda key: default)
     device = torch.device(device) if device is not None else default_device()
     adapter = get_adapter(model)
     layers = adapter.layers(model)
@@ -215,12 +224,21 @@ def prune_layers(
             layer.to(device)
             if i in chosen:
                 t0 = time.perf_counter()
-                masks, dense = {}, None
+                masks, energy, dense = {}, {}, None
+                prefix = adapter.prefix(i)
                 for names in linear_groups(layer, adapter, cfg.true_sequential):
-                    group_masks, outs = _prune_group(
-                        layer, names, inps, kwargs, cfg, pattern, device, collect=dense is None
+                    group_masks, group_energy, outs = _prune_group(
+                        layer,
+                        names,
+                        inps,
+                        kwargs,
+                        cfg,
+                        lambda n, p=prefix: targets(f"{p}{n}.weight"),
+                        device,
+                        collect=dense is None,
                     )
                     masks.update(group_masks)
+                    energy.update(group_energy)
                     dense = dense if dense is not None else outs
                 inps = _forward(layer, inps, kwargs)
                 num = sum(
@@ -232,7 +250,8 @@ def prune_layers(
                     seconds=time.perf_counter() - t0,
                     rel_error=(num / den) ** 0.5 if den else 0.0,
                     sparsity={n: 1.0 - float(m.float().mean()) for n, m in masks.items()},
-                    masks={f"{adapter.prefix(i)}{n}.weight": m for n, m in masks.items()},
+                    masks={f"{prefix}{n}.weight": m for n, m in masks.items()},
+                    energy={f"{prefix}{n}.weight": e for n, e in energy.items()},
                 )
                 bar(report.layers[i])
             else:

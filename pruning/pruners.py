@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sparsity import Pattern, keep_nm, keep_topk, keep_topk_per_row, prune_count
+from .sparsity import Target, keep_nm, keep_topk, prune_count
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,15 @@ class Pruner:
     def _accumulate(self, x: torch.Tensor, keep: float, n: int) -> None:
         raise NotImplementedError
 
-    def prune(self, weight: torch.Tensor, sparsity: float, pattern: Pattern | None) -> PruneResult:
+    def prune(self, weight: torch.Tensor, target: Target) -> PruneResult:
+        raise NotImplementedError
+
+    def column_energy(self) -> torch.Tensor:
+        """Per-input-column sum of squared inputs over every token seen (``[columns]``, fp32).
+
+        O(columns) and token-count-weighted: what a client may send the server so that it can
+        weigh its kept values and rank the union's positions by activation (never the Hessian).
+        """
         raise NotImplementedError
 
 
@@ -60,9 +68,8 @@ class MagnitudePruner(Pruner):
     def _accumulate(self, x: torch.Tensor, keep: float, n: int) -> None:
         pass
 
-    def prune(self, weight: torch.Tensor, sparsity: float, pattern: Pattern | None) -> PruneResult:
-        score = weight.detach().float().abs()
-        mask = keep_nm(score, pattern) if pattern else keep_topk(score, sparsity)
+    def prune(self, weight: torch.Tensor, target: Target) -> PruneResult:
+        mask = target.select(weight.detach().float().abs())
         return PruneResult(weight * mask, mask)
 
 
@@ -74,10 +81,13 @@ class WandaPruner(Pruner):
     def _accumulate(self, x: torch.Tensor, keep: float, n: int) -> None:
         self.sq_norm.mul_(keep).add_(x.pow(2).sum(0), alpha=1.0 / (self.nsamples + n))
 
-    def prune(self, weight: torch.Tensor, sparsity: float, pattern: Pattern | None) -> PruneResult:
+    def prune(self, weight: torch.Tensor, target: Target) -> PruneResult:
         score = weight.detach().float().abs() * self.sq_norm.sqrt()
-        mask = keep_nm(score, pattern) if pattern else keep_topk_per_row(score, sparsity)
+        mask = target.select(score, per_row=True)
         return PruneResult(weight * mask, mask)
+
+    def column_energy(self) -> torch.Tensor:
+        return self.sq_norm * self.nsamples
 
 
 class SparseGPTPruner(Pruner):
@@ -123,7 +133,10 @@ class SparseGPTPruner(Pruner):
             self._factor = dead, self._inverse_factor(H)
         return self._factor
 
-    def prune(self, weight: torch.Tensor, sparsity: float, pattern: Pattern | None) -> PruneResult:
+    def column_energy(self) -> torch.Tensor:
+        return torch.diag(self.H) * (self.nsamples / 2)  # H = 2/n Σ x xᵀ
+
+    def prune(self, weight: torch.Tensor, target: Target) -> PruneResult:
         W = weight.detach().to(self.device, torch.float32).clone()
         dead, Hinv = self._factorise()
         W[:, dead] = 0
@@ -133,17 +146,21 @@ class SparseGPTPruner(Pruner):
             )
             wanda = WandaPruner(self.columns, self.device)
             wanda.sq_norm = torch.diag(self.H) / 2
-            return wanda.prune(weight, sparsity, pattern)
+            return wanda.prune(weight, target)
 
         rows, cols = W.shape
+        pattern, fixed = target.pattern, target.mask
         keep = torch.ones_like(W, dtype=torch.bool)
         for i1 in range(0, cols, self.blocksize):
             i2 = min(i1 + self.blocksize, cols)
             W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
             d = torch.diag(Hinv1)
             Err1 = torch.zeros_like(W1)
-            if pattern is None:  # block budget by cumulative rounding: exact for the matrix
-                n_prune = prune_count(rows * i2, sparsity) - prune_count(rows * i1, sparsity)
+            if fixed is not None:  # refinement: the mask is given, only compensate
+                keep1 = fixed[:, i1:i2].to(W.device)
+            elif pattern is None:  # block budget by cumulative rounding: exact for the matrix
+                sp = target.sparsity
+                n_prune = prune_count(rows * i2, sp) - prune_count(rows * i1, sp)
                 keep1 = keep_topk(W1**2 / d**2, n_prune / W1.numel())
             else:
                 keep1 = torch.ones_like(W1, dtype=torch.bool)

@@ -55,6 +55,45 @@ def parse_pattern(text: str | None) -> Pattern | None:
     return Pattern(n, m)
 
 
+@dataclass(frozen=True)
+class Target:
+    """What one weight is pruned to: a sparsity (optionally N:M), or a fixed keep ``mask``.
+
+    A fixed mask is how a refinement round re-solves the kept values of a mask the server chose
+    (the mask is taken as it is; only the values are computed).
+    """
+
+    sparsity: float = 0.5
+    pattern: Pattern | None = None
+    mask: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, sparsity: float, pattern: str | Pattern | None = None) -> Target:
+        """A validated sparsity target (``pattern`` as text or parsed)."""
+        parsed = parse_pattern(pattern) if isinstance(pattern, str) or pattern is None else pattern
+        return cls(check_sparsity(sparsity, parsed), parsed)
+
+    @classmethod
+    def fixed(cls, mask: torch.Tensor) -> Target:
+        if mask.dtype != torch.bool:
+            raise SparsityError(f"a fixed mask must be bool, got {mask.dtype}")
+        return cls(1.0 - float(mask.float().mean()), None, mask)
+
+    def select(self, scores: torch.Tensor, per_row: bool = False) -> torch.Tensor:
+        """Keep mask for ``scores``: the fixed mask, N:M groups, or the exact count."""
+        if self.mask is not None:
+            if self.mask.shape != scores.shape:
+                raise SparsityError(f"mask {tuple(self.mask.shape)} != {tuple(scores.shape)}")
+            return self.mask.to(scores.device)
+        if self.pattern is not None:
+            return keep_nm(scores, self.pattern)
+        return (
+            keep_topk_per_row(scores, self.sparsity)
+            if per_row
+            else keep_topk(scores, self.sparsity)
+        )
+
+
 def check_sparsity(sparsity: float, pattern: Pattern | None = None) -> float:
     """Validate a target; with a pattern the target must match the pattern's own sparsity."""
     if not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) < 1.0:

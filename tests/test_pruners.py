@@ -17,6 +17,7 @@ from pruning.pruners import (
 )
 from pruning.sparsity import (
     Pattern,
+    Target,
     keep_nm,
     keep_topk,
     keep_topk_per_row,
@@ -60,7 +61,7 @@ def output_error(w: torch.Tensor, pruned: torch.Tensor, x: torch.Tensor) -> floa
 
 
 def prune(method: str, w: torch.Tensor, x: torch.Tensor, sparsity: float, pattern=None, **kw):
-    return fitted(method, x, **kw).prune(w, sparsity, pattern)
+    return fitted(method, x, **kw).prune(w, Target(sparsity, pattern))
 
 
 @pytest.mark.parametrize("sparsity", [0.5, 0.7, 0.33])
@@ -107,7 +108,7 @@ def test_wanda_matches_per_row_argsort() -> None:
     pruner = fitted("wanda", x)
     norms = x.double().pow(2).mean(0)
     torch.testing.assert_close(pruner.sq_norm.double(), norms, rtol=1e-5, atol=0)
-    result = pruner.prune(w, 0.7, None)
+    result = pruner.prune(w, Target(0.7))
     score = w.double().abs() * norms.sqrt()
     expected = torch.ones_like(result.mask)
     for r, n in enumerate(prune_counts_per_row(*w.shape, 0.7).tolist()):
@@ -119,7 +120,7 @@ def test_magnitude_prunes_smallest_globally_without_inputs() -> None:
     w = weight()
     pruner = make_pruner("magnitude", COLS, CPU)
     assert not pruner.needs_inputs
-    result = pruner.prune(w, 0.7, None)
+    result = pruner.prune(w, Target(0.7))
     threshold = w.abs().flatten().sort().values[prune_count(w.numel(), 0.7) - 1]
     assert bool((w.abs()[~result.mask] <= threshold).all())
     assert bool((w.abs()[result.mask] > threshold).all())
@@ -168,7 +169,7 @@ def test_sparsegpt_matches_explicit_obs_reference(
 ) -> None:
     w, x = weight(8, 40), inputs(cols=40)
     pruner = fitted("sparsegpt", x, blocksize=blocksize)
-    result = pruner.prune(w, sparsity, pattern)
+    result = pruner.prune(w, Target(sparsity, pattern))
     expected_w, expected_keep = reference_sparsegpt(w, pruner.H, sparsity, pattern, blocksize)
     assert torch.equal(result.mask, expected_keep)
     torch.testing.assert_close(result.weight.double(), expected_w, rtol=1e-3, atol=1e-4)
@@ -203,7 +204,7 @@ def test_sparsegpt_failed_cholesky_falls_back_to_wanda(make_h) -> None:
     pruner.H = make_h(COLS)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = pruner.prune(w, 0.5, None)
+        result = pruner.prune(w, Target(0.5))
     messages = " | ".join(str(c.message) for c in caught)
     assert "Cholesky failed" in messages and "Wanda's criterion" in messages
     assert torch.isfinite(result.weight).all()
@@ -217,11 +218,11 @@ def test_sparsegpt_factor_is_shared_by_linears_with_one_input() -> None:
     """q/k/v see the same input: the driver hands them one pruner, factorised once."""
     x = inputs()
     pruner = fitted("sparsegpt", x)
-    pruner.prune(weight(seed=1), 0.5, None)
+    pruner.prune(weight(seed=1), Target(0.5))
     factor = pruner._factor
-    second = pruner.prune(weight(seed=2), 0.5, None)
+    second = pruner.prune(weight(seed=2), Target(0.5))
     assert pruner._factor is factor  # not recomputed, and not altered by the first prune:
-    fresh = fitted("sparsegpt", x).prune(weight(seed=2), 0.5, None)
+    fresh = fitted("sparsegpt", x).prune(weight(seed=2), Target(0.5))
     assert torch.equal(second.weight, fresh.weight)
 
 
