@@ -11,6 +11,7 @@ aggregation step, which decodes one client at a time, accumulates, and expands t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -25,9 +26,9 @@ import psutil
 import safetensors.torch
 import torch
 
-from pruning.aggregate import aggregate_tensor
-from pruning.payload import Expected, PayloadMeta, decode_payload, encode_payload
-from pruning.sparsity import keep_nm, keep_topk, parse_pattern
+from pruning.aggregate import merge_tensor
+from pruning.payload import Expected, PayloadMeta, StoredPayload, decode_payload, encode_payload
+from pruning.sparsity import Target, keep_nm, keep_topk, parse_pattern
 
 SMOLLM2_LAYER = {
     "self_attn.q_proj": (576, 576),
@@ -116,14 +117,16 @@ def aggregate_once(folder: Path, method: str, scope: str) -> dict:
     )
     paths = sorted(folder.glob("client*.st"))
 
-    def updates():
-        for path in paths:
-            yield decode_payload(path.read_bytes(), expected).update(BIG_KEY)
-
     before = psutil.Process().memory_info().rss
     t0 = time.perf_counter()
-    weight, mask = aggregate_tensor(
-        method, updates(), 0.5, pattern, dense=dense, per_row=scope == "row"
+    # as the server does: validate each stored payload, then merge reading one tensor at a time
+    sources = [functools.partial(StoredPayload(p, expected).update, BIG_KEY) for p in paths]
+    weight, mask = merge_tensor(
+        method,
+        sources,
+        Target(0.5, pattern),
+        dense=(lambda: dense) if dense is not None else None,
+        per_row=scope == "row",
     )
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux

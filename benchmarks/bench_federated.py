@@ -20,28 +20,34 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from pruning.federated import ClientData, ClientWorker, GlobalModel, JobSpec, evaluate_sources
+from pruning.aggregate import merge_tensor
+from pruning.config import RunConfig
+from pruning.federated import ClientData, ClientWorker, GlobalModel, Job
 from pruning.payload import decode_payload, encode_payload, layer_index
 from pruning.sampling import assign_layers
 
 SOURCES = ["wikitext2/wiki.valid.tokens", "ptb/ptb.valid.txt"]
 EVAL = ["wikitext2/wiki.test.raw", "ptb/ptb.test.txt"]
-AGGREGATOR = {"fedprllm": "mask-vote", "fedavg": "fedavg", "centralized": "l0"}
+MERGE = {"fedprllm": "mask-vote", "fedavg": "fedavg", "centralized": "l0"}
 
 
 def merged(
-    model: str, spec: JobSpec, aggregator: str, layers_of: dict, payloads: dict, windows: int
+    model: str, spec: RunConfig, merge: str, layers_of: dict, payloads: dict, windows: int
 ) -> dict[str, float]:
-    """Aggregate ``payloads`` layer by layer (each over the clients holding it) and evaluate."""
-    server = GlobalModel(model, spec.sparsity, spec.pattern, aggregator)
-    for layer in range(server.num_layers):
-        holders = [c for c, layers in layers_of.items() if layer in layers]
-        server.aggregate(layer, [server.decode(payloads[c], layers_of[c]) for c in holders])
-    return evaluate_sources(server.model, server.tokenizer, EVAL, spec.seqlen, windows)
+    """Merge ``payloads`` tensor by tensor (each over the clients holding it) and evaluate."""
+    server = GlobalModel(model)
+    decoded = {c: decode_payload(blob) for c, blob in payloads.items()}
+    for key in server.shapes:
+        holders = [decoded[c] for c, layers in layers_of.items() if layer_index(key) in layers]
+        sources = [(lambda h=h, k=key: h.update(k)) for h in holders]
+        dense = server.params[key].detach()
+        weight, _ = merge_tensor(merge, sources, spec.target(), dense=lambda d=dense: d)
+        server.write(key, weight)
+    return server.evaluate(EVAL, spec.seqlen, windows)
 
 
 def run_sparsity(
-    model: str, worker: ClientWorker, spec: JobSpec, budgets: list[int], windows: int
+    model: str, worker: ClientWorker, spec: RunConfig, budgets: list[int], windows: int
 ) -> list[dict]:
     n = worker.num_layers
     clients = range(len(budgets))
@@ -52,7 +58,7 @@ def run_sparsity(
 
     def jobs(label: str, layers_of: dict, **kw) -> dict[int, bytes]:
         start = time.perf_counter()
-        out = {c: worker.run(spec.job(1, layers_of[c], **kw), data[c])[0] for c in layers_of}
+        out = {c: worker.run(Job.plan(spec, 1, layers_of[c], **kw), data[c])[0] for c in layers_of}
         timing[label] = time.perf_counter() - start
         return out
 
@@ -97,13 +103,13 @@ def run_sparsity(
     for method in ("fedprllm", "fedavg"):
         row(
             method,
-            merged(model, spec, AGGREGATOR[method], every, full, windows),
+            merged(model, spec, MERGE[method], every, full, windows),
             sum(map(len, full.values())),
             client_seconds=timing["full"],
         )
-    server = GlobalModel(model, spec.sparsity, spec.pattern)
+    server = GlobalModel(model)
     alone = {
-        c: server.evaluate_alone(server.decode(full[c], every[c]), EVAL, spec.seqlen, windows)
+        c: server.evaluate_alone(decode_payload(full[c]), EVAL, spec.seqlen, windows)
         for c in clients
     }
     mean = {s: sum(a[s] for a in alone.values()) / len(alone) for s in EVAL}
@@ -139,19 +145,17 @@ def main() -> None:
     args = parser.parse_args()
     worker = ClientWorker(args.model)
     budgets = [int(b) for b in args.budgets.split(",")]
-    server = GlobalModel(args.model, 0.5)
+    server = GlobalModel(args.model)
     rows = [
         {
             "method": "dense",
             "sparsity": 0.0,
             "upload_bytes": 0,
-            "perplexity": evaluate_sources(
-                server.model, server.tokenizer, EVAL, args.seqlen, args.eval_windows
-            ),
+            "perplexity": server.evaluate(EVAL, args.seqlen, args.eval_windows),
         }
     ]
     for sparsity in [float(s) for s in args.sparsities.split(",")]:
-        spec = JobSpec(sparsity=sparsity, nsamples=args.nsamples, seqlen=args.seqlen)
+        spec = RunConfig(sparsity=sparsity, nsamples=args.nsamples, seqlen=args.seqlen)
         rows += run_sparsity(args.model, worker, spec, budgets, args.eval_windows)
     print("\n| sparsity | method | " + " | ".join(Path(s).name for s in EVAL) + " | upload MiB |")
     print("|---" * (len(EVAL) + 3) + "|")

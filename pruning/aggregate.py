@@ -1,5 +1,6 @@
 """Server-side aggregation of pruned layers: FedSpaLLM's ℓ0-norm mean and adaptive mask expansion,
-plus the FedAvg and mask-vote (FedPrLLM) baselines behind one call, :func:`aggregate_tensor`.
+plus the FedAvg and mask-vote (FedPrLLM) baselines, in one registry (:data:`MERGES`) behind one
+call, :func:`merge_tensor`.
 
 Everything streams: clients are folded in one at a time into a float32 sum and a small-int count,
 and the big temporaries of mixed-dtype arithmetic, ranking and prefix sums are bounded by working
@@ -9,13 +10,15 @@ copies; ``count_nonzero`` does not). Tensors are expected on the CPU (the select
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from pruning.payload import as_int
 from pruning.sparsity import (
     Pattern,
+    Target,
+    as_int,
     check_sparsity,
     keep_nm,
     keep_per_row,
@@ -23,10 +26,11 @@ from pruning.sparsity import (
     prune_counts_per_row,
 )
 
-AGGREGATORS = ("l0", "fedavg", "mask-vote")
 _BLOCK = 1 << 20  # elements per block: 4-8 MB temporaries whatever the matrix size
 
 Update = tuple[torch.Tensor, torch.Tensor]  # (weight, bool keep mask) of one client
+Source = Callable[[], Update]  # reads one client's update (again) on every call
+Dense = Callable[[], torch.Tensor]  # reads the base model's weight
 
 
 def _blocks(length: int, step: int) -> Iterator[slice]:
@@ -162,48 +166,74 @@ def _keep_global(weight: torch.Tensor, count: torch.Tensor, n_prune: int) -> tor
     return keep
 
 
-def aggregate_tensor(
-    method: str,
-    updates: Iterable[Update],
-    sparsity: float,
-    pattern: Pattern | None = None,
-    dense: torch.Tensor | None = None,
+def _l0(sources: Sequence[Source], dense: Dense) -> tuple[torch.Tensor, torch.Tensor, int]:
+    total, count, n, dtype = _accumulate((read() for read in sources), with_sum=True)
+    _divide_by_count(total, count)
+    return total.to(dtype), count, n
+
+
+def _fedavg(sources: Sequence[Source], dense: Dense) -> tuple[torch.Tensor, torch.Tensor, int]:
+    total, _, n, dtype = _accumulate((read() for read in sources), with_sum=True)
+    total /= n
+    weight = total.to(dtype)
+    del total
+    # rank by magnitude alone: zeros sort lowest either way (uint8: bool < int makes int64 copies)
+    return weight, (weight != 0).view(torch.uint8), 1
+
+
+def _vote(sources: Sequence[Source], dense: Dense) -> tuple[torch.Tensor, torch.Tensor, int]:
+    _, count, n, _ = _accumulate((read() for read in sources), with_sum=False)
+    return dense().detach().clone(), count, n
+
+
+@dataclass(frozen=True)
+class Merge:
+    """How client updates of one tensor become one weight and a per-position keep count, which
+    the shared mask expansion then prunes to the target. ``combine`` may read its sources more
+    than once (a median or trimmed mean needs that); ``scale_by_votes`` multiplies each kept
+    weight by the fraction of clients that kept it (FedPrLLM's optional scaling)."""
+
+    combine: Callable[[Sequence[Source], Dense], tuple[torch.Tensor, torch.Tensor, int]]
+    scale_by_votes: bool = False
+
+
+MERGES = {
+    # FedSpaLLM: mean over the clients that kept each weight
+    "l0": Merge(_l0),
+    # plain mean (pruned entries count as 0), re-pruned by magnitude
+    "fedavg": Merge(_fedavg),
+    # FedPrLLM: the positions most clients kept, values from the dense model
+    "mask-vote": Merge(_vote),
+    "mask-vote-scaled": Merge(_vote, scale_by_votes=True),
+}
+
+
+def merge_tensor(
+    merge: str,
+    sources: Sequence[Source],
+    target: Target,
+    dense: Dense | None = None,
     per_row: bool = False,
-    vote_scaling: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Aggregate one tensor over the clients that pruned it; returns ``(weight, keep mask)``.
+    """Merge one tensor over the clients that pruned it; returns ``(weight, keep mask)``.
 
-    * ``l0`` (FedSpaLLM, default): ℓ0-norm mean, then adaptive mask expansion.
-    * ``fedavg``: plain mean of the client weights (pruned entries count as 0), then magnitude
-      re-pruning to the target.
-    * ``mask-vote`` (FedPrLLM): only the masks are used; keep the positions most clients kept
-      (ties by the dense weight's magnitude), with weights from ``dense``; ``vote_scaling``
-      multiplies each kept weight by the fraction of clients that kept it.
-
-    The weight comes back in the clients' dtype (``dense``'s for mask-vote), pruned to exactly
-    ``sparsity`` in the scope chosen by ``pattern``/``per_row`` (see :func:`expand_mask`).
+    ``sources`` re-read one client's ``(weight, mask)`` per call (e.g. from its stored payload);
+    ``dense`` returns the base weight (needed by the mask vote only). The weight comes back in
+    the clients' dtype (the dense one's for the vote), pruned to exactly the target in the scope
+    chosen by the target's pattern and ``per_row`` (see :func:`expand_mask`).
     """
-    if method not in AGGREGATORS:
-        raise ValueError(f"unknown aggregator {method!r}; choose from {AGGREGATORS}")
-    if vote_scaling and method != "mask-vote":
-        raise ValueError("vote_scaling only applies to mask-vote")
-    if method == "mask-vote":
-        if dense is None:
-            raise ValueError("mask-vote takes its weights from the dense model; pass dense=")
-        _, count, n, _ = _accumulate(updates, with_sum=False)
-        weight = dense.detach().clone()
-    else:
-        total, count, n, dtype = _accumulate(updates, with_sum=True)
-        if method == "l0":
-            _divide_by_count(total, count)
-        else:
-            total /= n
-        weight = total.to(dtype)
-        del total
-        if method == "fedavg":  # rank by magnitude alone: zeros sort lowest either way
-            count, n = (weight != 0).view(torch.uint8), 1  # uint8: bool < int makes int64 copies
-    weight, mask = expand_mask(weight, count, n, sparsity, pattern, per_row)
-    if vote_scaling:
+    if merge not in MERGES:
+        raise ValueError(f"unknown merge {merge!r}; choose from {', '.join(MERGES)}")
+    if not sources:
+        raise ValueError("no client updates to aggregate")
+
+    def no_dense() -> torch.Tensor:
+        raise ValueError(f"the {merge} merge takes its weights from the dense model; pass dense")
+
+    rule = MERGES[merge]
+    weight, count, n = rule.combine(sources, dense or no_dense)
+    weight, mask = expand_mask(weight, count, n, target.sparsity, target.pattern, per_row)
+    if rule.scale_by_votes:
         flat_w, flat_c = weight.view(-1), count.view(-1)
         for blk in _blocks(flat_w.numel(), _BLOCK):
             flat_w[blk] *= flat_c[blk] / n

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .data import DataError
-from .models import DEFAULT_MODEL, EMBEDDED, ModelError
+from .models import DEFAULT_DTYPE, DEFAULT_MODEL, DTYPES, EMBEDDED, ModelError
 from .pruners import METHODS
 from .sparsity import SparsityError
 
@@ -23,7 +23,7 @@ USAGE_ERRORS = (DataError, ModelError, SparsityError, FileNotFoundError)
 
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, dir, .gguf, hub id")
-    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=sorted(DTYPES))
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if present)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per window")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")

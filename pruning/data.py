@@ -31,14 +31,15 @@ class DataError(ValueError):
     """A calibration or evaluation source that cannot be read or is too small."""
 
 
-def data_dir() -> Path:
-    """Local corpora folder: ``$FEDSPALLM_DATA`` (CI points it at ``../shared/data``)."""
-    return Path(os.environ.get("FEDSPALLM_DATA", "data"))
+def data_dir(root: str | Path | None = None) -> Path:
+    """Local corpora folder: ``root`` when given (the run config's ``data-dir``), else
+    ``$FEDSPALLM_DATA`` (CI points it at ``../shared/data``), else ``./data``."""
+    return Path(root) if root else Path(os.environ.get("FEDSPALLM_DATA", "data"))
 
 
-def _resolve_path(source: str) -> Path | None:
+def _resolve_path(source: str, root: str | Path | None = None) -> Path | None:
     """A local file for ``source``, also relative to :func:`data_dir`; ``None`` if not a path."""
-    for candidate in (Path(source).expanduser(), data_dir() / source):
+    for candidate in (Path(source).expanduser(), data_dir(root) / source):
         if candidate.is_file():
             return candidate
     return None
@@ -73,18 +74,20 @@ def _read_rows(path: Path, field: str) -> list[str]:
         raise DataError(f"{path}: not UTF-8 text") from err
 
 
-def check_source(source: str) -> None:
+def check_source(source: str, root: str | Path | None = None) -> None:
     """Fail fast on a source that is neither a local file nor a known corpus name, so that a typo
     is reported before a large model is loaded."""
-    if _resolve_path(source) is None and source not in HUB_CORPORA:
+    if _resolve_path(source, root) is None and source not in HUB_CORPORA:
         raise DataError(
             f"{source!r} is neither a readable file nor a corpus name ({', '.join(HUB_CORPORA)})"
         )
 
 
-def load_text(source: str, split: str = "calibration", field: str = "text") -> str:
+def load_text(
+    source: str, split: str = "calibration", field: str = "text", root: str | Path | None = None
+) -> str:
     """The whole text of ``source`` joined by its corpus convention."""
-    path = _resolve_path(source)
+    path = _resolve_path(source, root)
     if path is not None:
         rows = [r for r in _read_rows(path, field) if r.strip()]
         return (" " if "ptb" in path.name.lower() else "\n\n").join(rows)
@@ -135,13 +138,16 @@ def get_calibration(
     partition_id: int = 0,
     num_partitions: int = 1,
     field: str = "text",
+    root: str | Path | None = None,
 ) -> torch.Tensor:
     """Calibration windows ``[nsamples, seqlen]`` drawn from one partition of ``source``."""
-    tokens = tokenize(load_text(source, "calibration", field), tokenizer)
+    tokens = tokenize(load_text(source, "calibration", field, root), tokenizer)
     shard = partition(tokens, partition_id, num_partitions)
     return sample_windows(shard, nsamples, seqlen, seed)
 
 
-def get_eval_tokens(source: str, tokenizer, field: str = "text") -> torch.Tensor:
+def get_eval_tokens(
+    source: str, tokenizer, field: str = "text", root: str | Path | None = None
+) -> torch.Tensor:
     """The evaluation token stream ``[1, T]`` of ``source`` (its test split for hub corpora)."""
-    return tokenize(load_text(source, "evaluation", field), tokenizer)[None, :]
+    return tokenize(load_text(source, "evaluation", field, root), tokenizer)[None, :]

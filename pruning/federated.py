@@ -14,23 +14,32 @@ from pathlib import Path
 
 import torch
 
-from .aggregate import aggregate_tensor
+from .config import SCOPES, RunConfig
 from .data import get_calibration
 from .driver import PruneConfig, prune_layers
 from .evaluate import perplexity, sparsity_report
-from .models import layer_state, load_layer_state, load_model, num_layers, prunable_shapes
-from .payload import Decoded, Expected, PayloadError, PayloadMeta, decode_payload, encode_payload
-from .sparsity import parse_pattern
+from .models import (
+    DEFAULT_DTYPE,
+    layer_state,
+    load_layer_state,
+    load_model,
+    num_layers,
+    prunable_shapes,
+)
+from .payload import Expected, PayloadMeta, StoredPayload, decode_payload, encode_payload
 
 log = logging.getLogger(__name__)
 
-SCOPES = ("assigned", "all")
+PHASES = ("prune",)  # what a job asks of a client; later rounds types add theirs here
 
 
 @dataclass
-class JobSpec:
-    """What every pruning job of a run shares (the server's run config sets it)."""
+class Job:
+    """One client's work for one round, as the server sends it (no model, no data)."""
 
+    round: int = 0
+    layers: list[int] = field(default_factory=list)  # layers to prune and upload
+    phase: str = "prune"
     sparsity: float = 0.5
     pattern: str = ""
     pruner: str = "sparsegpt"
@@ -41,19 +50,12 @@ class JobSpec:
     # "all": prune every layer up to the last uploaded one, so each sees pruned inputs
     scope: str = "assigned"
     true_sequential: bool = False
-
-    def job(self, round: int, layers: list[int], union: bool = False) -> Job:
-        shared = {f.name: getattr(self, f.name) for f in fields(JobSpec)}
-        return Job(**shared, round=round, layers=list(layers), union=union)
-
-
-@dataclass
-class Job(JobSpec):
-    """One client's work for one round, as the server sends it (no model, no data)."""
-
-    round: int = 0
-    layers: list[int] = field(default_factory=list)  # layers to prune and upload
     union: bool = False  # calibrate on every partition (the centralized baseline)
+
+    @classmethod
+    def plan(cls, cfg: RunConfig, round: int, layers: list[int], union: bool = False) -> Job:
+        shared = {f.name: getattr(cfg, f.name) for f in fields(cls) if hasattr(cfg, f.name)}
+        return cls(**shared, round=round, layers=sorted(layers), union=union)
 
     def to_config(self) -> dict:
         return asdict(self)
@@ -65,6 +67,8 @@ class Job(JobSpec):
         job.layers = [int(i) for i in job.layers]
         if job.scope not in SCOPES:
             raise ValueError(f"scope {job.scope!r} is not one of {SCOPES}")
+        if job.phase not in PHASES:
+            raise ValueError(f"phase {job.phase!r} is not one of {PHASES}")
         return job
 
     def prune_config(self) -> PruneConfig:
@@ -88,6 +92,7 @@ class ClientData:
     partition_id: int = 0
     num_partitions: int = 1
     text_field: str = "text"
+    root: Path | None = None  # folder of relative paths (None: $FEDSPALLM_DATA)
 
     def shard(self, partition_id: int) -> tuple[str, int, int]:
         """``(source, shard index, shard count)`` of one partition."""
@@ -116,6 +121,7 @@ class ClientData:
                     index,
                     count,
                     self.text_field,
+                    self.root,
                 )
             )
         return torch.cat(windows)
@@ -133,7 +139,7 @@ class ClientWorker:
     job: every job starts from the base model plus whatever global layers the server sent.
     """
 
-    def __init__(self, model_spec: str, dtype: str = "float32", device: str | None = None):
+    def __init__(self, model_spec: str, dtype: str = DEFAULT_DTYPE, device: str | None = None):
         self.model, self.tokenizer = load_model(model_spec, dtype)
         self.device = device
         self.shapes = flat_shapes(prunable_shapes(self.model))
@@ -185,31 +191,23 @@ class ClientWorker:
 class GlobalModel:
     """The server's model: base weights, replaced layer by layer by aggregated ones."""
 
-    def __init__(
-        self,
-        model_spec: str,
-        sparsity: float,
-        pattern: str = "",
-        aggregator: str = "l0",
-        dtype: str = "float32",
-        vote_scaling: bool = False,
-    ):
+    def __init__(self, model_spec: str, dtype: str = DEFAULT_DTYPE):
         self.model, self.tokenizer = load_model(model_spec, dtype)
-        self.sparsity, self.pattern = sparsity, pattern
-        if vote_scaling and aggregator != "mask-vote":
-            raise ValueError("vote-scaling applies to the mask-vote aggregator (fedprllm) only")
-        self.aggregator, self.vote_scaling = aggregator, vote_scaling
         self.layer_shapes = prunable_shapes(self.model)
         self.shapes = flat_shapes(self.layer_shapes)
-        self.done: set[int] = set()
+        self.params = dict(self.model.named_parameters())
 
     @property
     def num_layers(self) -> int:
         return len(self.layer_shapes)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
     def dense_bytes(self, layers: list[int]) -> int:
         """Bytes of the dense prunable weights of ``layers`` (the payload size cap's basis)."""
-        size = next(self.model.parameters()).element_size()
+        size = self.dtype.itemsize
         return sum(a * b * size for i in layers for a, b in self.layer_shapes[i].values())
 
     def layer_bytes(self) -> int:
@@ -217,60 +215,43 @@ class GlobalModel:
         shapes = self.layer_shapes[0].values()
         return self.dense_bytes([0]) + sum(4 * b * b for _, b in set(shapes))
 
-    def expected(self, layers: list[int], max_bytes: int | None = None) -> Expected:
-        dtype = next(self.model.parameters()).dtype
-        return Expected(self.shapes, set(layers), dtype, self.sparsity, max_bytes=max_bytes)
-
-    def decode(self, blob: bytes, layers: list[int], max_bytes: int | None = None) -> Decoded:
-        """Validate one client payload against what that client was asked for."""
-        decoded = decode_payload(blob, self.expected(layers, max_bytes))
-        missing = set(layers) - set(decoded.meta.layers)
-        if missing:
-            raise PayloadError("unassigned-layer", f"layers {sorted(missing)} missing")
-        return decoded
-
-    @torch.no_grad()
-    def aggregate(self, layer: int, payloads: list[Decoded]) -> None:
-        """Merge one layer over the clients that pruned it and write it into the model."""
-        pattern = parse_pattern(self.pattern)
-        params = dict(self.model.named_parameters())
-        for key in self.layer_shapes[layer]:
-            weight, _ = aggregate_tensor(
-                self.aggregator,
-                (p.update(key) for p in payloads),
-                self.sparsity,
-                pattern,
-                dense=params[key].detach(),
-                vote_scaling=self.vote_scaling,
-            )
-            params[key].copy_(weight)
-        self.done.add(layer)
-
-    def downlink(self, layers: list[int], round: int) -> bytes:
-        """Aggregated layers as a sparse payload, for a client that must propagate through them."""
-        layers = sorted(set(layers) & self.done)
-        meta = PayloadMeta(round, layers, self.sparsity, self.pattern, "global", 0)
+    def encode(self, layers: list[int], round: int, sparsity: float, pattern: str) -> bytes:
+        """Aggregated layers as a sparse payload (sent down to clients; the run's sparse copy)."""
+        meta = PayloadMeta(round, sorted(layers), sparsity, pattern, role="global")
         return encode_payload(layer_state(self.model, layers), meta)
 
     @torch.no_grad()
+    def write(self, key: str, weight: torch.Tensor) -> None:
+        self.params[key].copy_(weight)
+
+    @torch.no_grad()
     def evaluate_alone(
-        self, payload: Decoded, sources: list[str], seqlen: int, max_windows: int | None
+        self,
+        payload: StoredPayload,
+        sources: list[str],
+        seqlen: int,
+        max_windows: int | None,
+        root: Path | None = None,
     ) -> dict[str, float]:
         """Perplexity of the base model with one client's layers (the local-only baseline)."""
-        keys = list(payload.sparse)
         saved = {k: v.clone() for k, v in layer_state(self.model, payload.meta.layers).items()}
         try:
-            load_layer_state(self.model, {k: payload.weights[k] for k in keys})
-            return evaluate_sources(self.model, self.tokenizer, sources, seqlen, max_windows)
+            load_layer_state(self.model, {k: payload.update(k)[0] for k in payload.keys})
+            return self.evaluate(sources, seqlen, max_windows, root)
         finally:
             load_layer_state(self.model, saved)
 
-    def save(self, out: Path) -> dict:
+    def evaluate(
+        self, sources: list[str], seqlen: int, max_windows: int | None, root: Path | None = None
+    ) -> dict[str, float]:
+        return evaluate_sources(self.model, self.tokenizer, sources, seqlen, max_windows, root)
+
+    def save(self, out: Path, layers: list[int], sparsity: float, pattern: str) -> dict:
         """``save_pretrained`` directory plus a compressed sparse copy of the pruned layers."""
         out.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(out / "model")
         self.tokenizer.save_pretrained(out / "model")
-        sparse = self.downlink(sorted(self.done), 0)
+        sparse = self.encode(layers, 0, sparsity, pattern)
         (out / "model.sparse.safetensors").write_bytes(sparse)
         return {"sparse_bytes": len(sparse), "sparsity": sparsity_report(self.model)}
 
@@ -281,12 +262,13 @@ def evaluate_sources(
     sources: list[str],
     seqlen: int,
     max_windows: int | None,
+    root: Path | None = None,
     device: str | None = None,
 ) -> dict[str, float]:
     """Perplexity of ``model`` on each evaluation source."""
     from .data import get_eval_tokens
 
     return {
-        s: perplexity(model, get_eval_tokens(s, tokenizer), seqlen, device, max_windows)
+        s: perplexity(model, get_eval_tokens(s, tokenizer, root=root), seqlen, device, max_windows)
         for s in sources
     }

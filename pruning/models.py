@@ -26,6 +26,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEFAULT_DTYPE = "float32"  # the embedded model is de-quantised from GGUF to float32
 
 
 class ModelError(ValueError):
@@ -135,7 +136,7 @@ def _resolve(spec: str) -> tuple[str, dict]:
     return spec, {}  # a hub id
 
 
-def load_model(spec: str, dtype: str = "float32", device: str | None = None):
+def load_model(spec: str, dtype: str = DEFAULT_DTYPE, device: str | None = None):
     """Load ``(model, tokenizer)`` in eval mode; the model stays on ``device`` (default CPU).
 
     The driver moves one decoder layer at a time to the accelerator, so a model larger than the

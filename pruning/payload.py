@@ -20,20 +20,21 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import safetensors.torch
 import torch
 
-from pruning.sparsity import SparsityError, parse_pattern
+from pruning.sparsity import SparsityError, as_int, parse_pattern
 
 FORMAT = "fedspallm-sparse-bitmask"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: explicit ``role`` (was ``pruner="global"``)
+ROLES = ("update", "global")  # a client's pruned layers; aggregated layers sent by the server
 _PARTS = {"shape": "shape", "bitmask": "bitmask", "values": "value-count"}  # -> reason if absent
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_SAME_WIDTH_INT = {2: torch.int16, 4: torch.int32}
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
 
 
@@ -59,8 +60,9 @@ class PayloadMeta:
     layers: list[int]
     sparsity: float
     pattern: str = ""  # "" (unstructured) or "N:M"
-    pruner: str = ""  # e.g. "sparsegpt"; "global" for aggregated layers sent down by the server
+    pruner: str = ""  # e.g. "sparsegpt"; "" for aggregated layers
     calib_tokens: int = 0
+    role: str = "update"  # one of ROLES
 
     def to_strings(self) -> dict[str, str]:
         """safetensors metadata must be ``str -> str``."""
@@ -86,12 +88,15 @@ class PayloadMeta:
                 pattern=meta["pattern"],
                 pruner=meta["pruner"],
                 calib_tokens=int(meta["calib_tokens"]),
+                role=meta["role"],
             )
             parse_pattern(out.pattern)
         except KeyError as err:
             raise PayloadError("metadata", f"missing field {err.args[0]!r}") from None
         except (ValueError, TypeError, SparsityError) as err:
             raise PayloadError("metadata", f"unparsable field: {err}") from None
+        if out.role not in ROLES:
+            raise PayloadError("metadata", f"role {out.role!r} is not one of {ROLES}")
         if not 0.0 <= out.sparsity < 1.0 or out.round < 0 or out.calib_tokens < 0:
             raise PayloadError("metadata", f"out of range: {out}")
         return out
@@ -165,6 +170,10 @@ class Decoded:
     def masks(self) -> Mapping[str, torch.Tensor]:
         return _LazyMap(self.sparse, SparseTensor.mask)
 
+    @property
+    def keys(self) -> list[str]:
+        return list(self.sparse)
+
     def update(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(weight, mask)`` of one key, unpacking the bitmask once (aggregation's input)."""
         return self.sparse[key].unpack()
@@ -198,50 +207,101 @@ def encode_payload(
 
 
 def decode_payload(blob: bytes, expected: Expected | None = None) -> Decoded:
-    """Parse and validate a payload; raise :class:`PayloadError` on the first problem found.
+    """Parse and validate a payload held in memory; raise :class:`PayloadError` on the first
+    problem found.
 
     Without ``expected`` only the payload's self-consistency is checked (format, bitmask versus
     value count, finite values); with it, also the model's names and shapes, this round's
     assignment, dtype, density and size.
     """
-    if expected is not None and expected.max_bytes is not None and len(blob) > expected.max_bytes:
-        raise PayloadError("too-large", f"{len(blob)} bytes > limit {expected.max_bytes}")
-    header = _read_header(blob)
-    meta = PayloadMeta.from_strings(header.get("__metadata__") or {})
+    _check_size(len(blob), expected)
+    meta = PayloadMeta.from_strings(_read_header(blob, len(blob)).get("__metadata__") or {})
     try:
         tensors = safetensors.torch.load(bytes(blob))
     except Exception as err:  # the Rust parser's errors have no common Python base class
         raise PayloadError("not-safetensors", str(err)) from None
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for name, tensor in tensors.items():
+    return Decoded(meta, dict(_checked_groups(tensors, tensors.__getitem__, meta, expected)))
+
+
+class StoredPayload:
+    """A validated payload file, read back one tensor at a time (the server's payload store).
+
+    Opening it validates every tensor group in turn and keeps none of them, so checking and
+    later merging never hold more than one matrix of one client in memory.
+    """
+
+    def __init__(self, path: Path, expected: Expected | None = None) -> None:
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        _check_size(size, expected)
+        with self.path.open("rb") as fh:
+            head = fh.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else 0
+            head += fh.read(max(0, min(length, size - 8)))
+        self.meta = PayloadMeta.from_strings(_read_header(head, size).get("__metadata__") or {})
+        with self._open() as f:
+            self.keys = [k for k, _ in _checked_groups(f.keys(), f.get_tensor, self.meta, expected)]
+
+    def _open(self):
+        try:
+            return safetensors.safe_open(str(self.path), "pt")
+        except Exception as err:  # the Rust parser's errors have no common Python base class
+            raise PayloadError("not-safetensors", str(err)) from None
+
+    def sparse(self, key: str) -> SparseTensor:
+        with self._open() as f:
+            parts = {p: f.get_tensor(f"{key}.{p}") for p in _PARTS}
+        return SparseTensor(tuple(parts["shape"].tolist()), parts["bitmask"], parts["values"])
+
+    def update(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(weight, mask)`` of one key (an aggregation source)."""
+        return self.sparse(key).unpack()
+
+
+def _check_size(size: int, expected: Expected | None) -> None:
+    if expected is not None and expected.max_bytes is not None and size > expected.max_bytes:
+        raise PayloadError("too-large", f"{size} bytes > limit {expected.max_bytes}")
+
+
+def _checked_groups(
+    names: Iterable[str],
+    get: Callable[[str], torch.Tensor],
+    meta: PayloadMeta,
+    expected: Expected | None,
+) -> Iterator[tuple[str, SparseTensor]]:
+    """Validate each ``K.{shape,bitmask,values}`` group, reading its tensors only when due."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
         key, _, part = name.rpartition(".")
         if part not in _PARTS:
             raise PayloadError(
                 "unknown-tensor", f"{name!r} is not one of {key}.{{{','.join(_PARTS)}}}"
             )
-        groups.setdefault(key, {})[part] = tensor
-    sparse = {key: _check_tensor(key, parts, meta, expected) for key, parts in groups.items()}
+        groups.setdefault(key, []).append(part)
     if expected is not None:
-        _check_assignment(sparse, meta, expected)
-    return Decoded(meta, sparse)
+        _check_assignment(set(groups), meta, expected)
+    for key, parts in groups.items():
+        try:
+            tensors = {p: get(f"{key}.{p}") for p in parts}
+        except Exception as err:  # a corrupt tensor in an otherwise parsable file
+            raise PayloadError("not-safetensors", f"{key}: {err}") from None
+        yield key, _check_tensor(key, tensors, meta, expected)
 
 
-def as_int(t: torch.Tensor) -> torch.Tensor:
-    """Reinterpret floats as same-width ints; for values >= 0 this keeps their order."""
-    return t.view(_SAME_WIDTH_INT[t.element_size()])
+def _read_header(head: bytes, total: int) -> dict:
+    """Parse the safetensors header ourselves to tell 'truncated' from 'not safetensors'.
 
-
-def _read_header(blob: bytes) -> dict:
-    """Parse the safetensors header ourselves to tell 'truncated' from 'not safetensors'."""
-    if len(blob) < 8:
-        raise PayloadError("truncated", f"{len(blob)} bytes; the header length alone needs 8")
-    size = int.from_bytes(blob[:8], "little")
-    if len(blob) > 8 and blob[8:9] != b"{":
+    ``head`` holds at least the 8-byte length and the header; ``total`` is the whole size.
+    """
+    if total < 8:
+        raise PayloadError("truncated", f"{total} bytes; the header length alone needs 8")
+    size = int.from_bytes(head[:8], "little")
+    if total > 8 and head[8:9] != b"{":
         raise PayloadError("not-safetensors", "no JSON header after the 8-byte length")
-    if 8 + size > len(blob):
-        raise PayloadError("truncated", f"header claims {size} bytes, {len(blob) - 8} present")
+    if 8 + size > total:
+        raise PayloadError("truncated", f"header claims {size} bytes, {total - 8} present")
     try:
-        header = json.loads(blob[8 : 8 + size])
+        header = json.loads(head[8 : 8 + size])
         end = max(
             (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
         )
@@ -249,8 +309,8 @@ def _read_header(blob: bytes) -> dict:
         raise PayloadError("not-safetensors", f"bad header: {err}") from None
     if not isinstance(end, int):
         raise PayloadError("not-safetensors", f"bad data offsets in header: {end!r}")
-    if end > len(blob) - 8 - size:
-        raise PayloadError("truncated", f"data needs {end} bytes, {len(blob) - 8 - size} present")
+    if end > total - 8 - size:
+        raise PayloadError("truncated", f"data needs {end} bytes, {total - 8 - size} present")
     return header
 
 
@@ -309,13 +369,11 @@ def _check_tensor(
     return SparseTensor(shape, bits, values)
 
 
-def _check_assignment(
-    sparse: dict[str, SparseTensor], meta: PayloadMeta, expected: Expected
-) -> None:
+def _check_assignment(keys: set[str], meta: PayloadMeta, expected: Expected) -> None:
     """Claimed layers must be assigned and complete, so a layer is never half aggregated."""
     for layer in meta.layers:
         if expected.layers is not None and layer not in expected.layers:
             raise PayloadError("unassigned-layer", f"layer {layer} was not assigned this round")
-        missing = sorted(k for k in expected.shapes if layer_index(k) == layer and k not in sparse)
+        missing = sorted(k for k in expected.shapes if layer_index(k) == layer and k not in keys)
         if missing:
             raise PayloadError("missing-tensor", f"layer {layer} lacks {missing}")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+_SAME_WIDTH_INT = {2: torch.int16, 4: torch.int32}
 _PATTERN_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
@@ -103,6 +104,11 @@ def check_sparsity(sparsity: float, pattern: Pattern | None = None) -> float:
             f"sparsity {sparsity} contradicts pattern {pattern} (it implies {pattern.sparsity:g})"
         )
     return float(sparsity)
+
+
+def as_int(t: torch.Tensor) -> torch.Tensor:
+    """Reinterpret floats as same-width ints; for values >= 0 this keeps their order."""
+    return t.view(_SAME_WIDTH_INT[t.element_size()])
 
 
 def prune_count(numel: int, sparsity: float) -> int:

@@ -91,3 +91,39 @@ def make_tiny_model(family: str, path: Path, seed: int = 0) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def reference_run(cfg, worker, data, budgets: list[int]) -> dict:
+    """What each simulated partition uploads in round 1 of ``cfg``'s method, computed directly
+    from the engine: ``{partition: Decoded payload}`` (``data(p)`` gives a partition's data)."""
+    from pruning.federated import Job
+    from pruning.payload import decode_payload
+    from pruning.sampling import assign_layers
+
+    layers = list(range(worker.num_layers))
+    if cfg.method == "fedspallm":
+        plan = assign_layers({str(p): b for p, b in enumerate(budgets)}, layers, cfg.seed, 1)
+        held = {int(p): v for p, v in plan.per_client.items()}
+    else:
+        held = {p: layers for p in range(1 if cfg.method == "centralized" else len(budgets))}
+    union = cfg.method == "centralized"
+    return {
+        p: decode_payload(worker.run(Job.plan(cfg, 1, v, union), data(p), None)[0])
+        for p, v in sorted(held.items())
+    }
+
+
+def reference_weights(cfg, payloads: dict) -> dict[str, torch.Tensor]:
+    """Each pruned tensor merged over the partitions that uploaded it, in partition order."""
+    from pruning.aggregate import merge_tensor
+    from pruning.federated import GlobalModel
+
+    base = GlobalModel(cfg.model, cfg.dtype)
+    merge = {"fedprllm": "mask-vote", "fedavg": "fedavg"}.get(cfg.method, "l0")
+    out = {}
+    for key in base.shapes:
+        holders = [p for p in payloads.values() if key in p.sparse]
+        dense = base.params[key].detach()
+        sources = [(lambda h=h, k=key: h.update(k)) for h in holders]
+        out[key], _ = merge_tensor(merge, sources, cfg.target(), dense=lambda d=dense: d)
+    return out

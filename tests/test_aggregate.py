@@ -8,9 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pruning import aggregate
-from pruning.aggregate import AGGREGATORS, aggregate_tensor, expand_mask, l0_aggregate
+from pruning.aggregate import MERGES, expand_mask, l0_aggregate, merge_tensor
 from pruning.sparsity import (
     Pattern,
+    Target,
     keep_nm,
     keep_topk,
     keep_topk_per_row,
@@ -18,6 +19,13 @@ from pruning.sparsity import (
     prune_count,
     prune_counts_per_row,
 )
+
+
+def merged(merge, updates, sparsity, pattern=None, dense=None, per_row=False):
+    """``merge_tensor`` over in-memory updates, each a re-readable source."""
+    sources = [(lambda u=u: u) for u in updates]
+    reader = (lambda: dense) if dense is not None else None
+    return merge_tensor(merge, sources, Target(sparsity, pattern), reader, per_row)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -114,7 +122,7 @@ def test_l0_matches_the_per_position_loop_and_expansion_matches_the_sorted_order
     assert torch.equal(count.double(), ref_count.double())
     assert torch.allclose(mean.double(), ref_mean, rtol=1e-6, atol=0)
 
-    weight, mask = aggregate_tensor("l0", iter(updates), sparsity, pattern, per_row=per_row)
+    weight, mask = merged("l0", updates, sparsity, pattern, per_row=per_row)
     stored = mean.to(torch.float16)
     assert weight.dtype == torch.float16
     assert torch.equal(mask, ref_keep(stored, count, sparsity, pattern, per_row))
@@ -135,14 +143,14 @@ def _scopes(t, pattern, per_row):
 
 
 @settings(max_examples=50, deadline=None)
-@given(scenarios, st.sampled_from(AGGREGATORS), st.randoms(use_true_random=False))
+@given(scenarios, st.sampled_from(sorted(MERGES)), st.randoms(use_true_random=False))
 def test_result_does_not_depend_on_client_order(s, method, rnd):
     updates, sparsity, pattern, per_row = unpack(s)
     dense = updates[0][0] + 0.5
     shuffled = rnd.sample(updates, len(updates))
     kw = dict(pattern=pattern, dense=dense, per_row=per_row)
-    a = aggregate_tensor(method, iter(updates), sparsity, **kw)
-    b = aggregate_tensor(method, iter(shuffled), sparsity, **kw)
+    a = merged(method, updates, sparsity, **kw)
+    b = merged(method, shuffled, sparsity, **kw)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
@@ -150,7 +158,7 @@ def test_result_does_not_depend_on_client_order(s, method, rnd):
 @given(scenarios)
 def test_one_client_gets_its_own_weights_and_mask_back(s):
     updates, sparsity, pattern, per_row = unpack({**s, "n": 1})
-    weight, mask = aggregate_tensor("l0", updates, sparsity, pattern, per_row=per_row)
+    weight, mask = merged("l0", updates, sparsity, pattern, per_row=per_row)
     assert torch.equal(mask, updates[0][1]) and torch.equal(weight, updates[0][0])
 
 
@@ -192,7 +200,7 @@ def test_fedavg_is_the_plain_mean_then_magnitude_pruning():
         {"n": 5, "rows": 4, "groups": 3, "scope": "global", "sparsity": 0.5, "seed": 1}
     )
     mean = (sum(w.float() for w, _ in updates) / 5).half()
-    weight, mask = aggregate_tensor("fedavg", iter(updates), 0.5)
+    weight, mask = merged("fedavg", updates, 0.5)
     assert torch.equal(mask, keep_topk(mean.abs().float(), 0.5))
     assert torch.equal(weight, mean * mask)
 
@@ -205,9 +213,8 @@ def test_mask_vote_keeps_the_most_voted_positions_with_dense_weights(scaling):
     )
     dense = torch.randn(3, 8, generator=torch.Generator().manual_seed(3)).half()
     votes = sum(m.int() for _, m in updates)
-    weight, mask = aggregate_tensor(
-        "mask-vote", iter(updates), 0.5, pattern, dense=dense, vote_scaling=scaling
-    )
+    merge = "mask-vote-scaled" if scaling else "mask-vote"
+    weight, mask = merged(merge, updates, 0.5, pattern, dense=dense)
     assert torch.equal(mask, ref_keep(dense, votes, 0.5, pattern)) and nm_valid(mask, pattern)
     scale = votes / 4 if scaling else torch.ones(())
     assert torch.equal(weight, (dense * scale).half() * mask)
@@ -215,17 +222,15 @@ def test_mask_vote_keeps_the_most_voted_positions_with_dense_weights(scaling):
 
 def test_bad_calls_are_refused():
     ok = [(torch.ones(2, 4), torch.ones(2, 4, dtype=torch.bool))]
-    with pytest.raises(ValueError, match="unknown aggregator"):
-        aggregate_tensor("median", ok, 0.5)
+    with pytest.raises(ValueError, match="unknown merge"):
+        merged("median", ok, 0.5)
     with pytest.raises(ValueError, match="dense"):
-        aggregate_tensor("mask-vote", ok, 0.5)
-    with pytest.raises(ValueError, match="vote_scaling"):
-        aggregate_tensor("l0", ok, 0.5, vote_scaling=True)
+        merged("mask-vote", ok, 0.5)
     with pytest.raises(ValueError, match="no client updates"):
-        aggregate_tensor("l0", [], 0.5)
+        merged("l0", [], 0.5)
     with pytest.raises(ValueError, match="do not match"):
-        aggregate_tensor("l0", ok + [(torch.ones(4, 2), torch.ones(4, 2, dtype=torch.bool))], 0.5)
+        merged("l0", ok + [(torch.ones(4, 2), torch.ones(4, 2, dtype=torch.bool))], 0.5)
     with pytest.raises(ValueError, match="bool"):
-        aggregate_tensor("l0", [(torch.ones(2, 4), torch.ones(2, 4))], 0.5)
+        merged("l0", [(torch.ones(2, 4), torch.ones(2, 4))], 0.5)
     with pytest.raises(ValueError, match="more than"):
         expand_mask(torch.ones(2, 4), torch.full((2, 4), 3), 2, 0.5)

@@ -1,6 +1,8 @@
 """Sparse payload codec: lossless round trip, size, and one test per rejection reason."""
 
 import pickle
+import tempfile
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -14,6 +16,7 @@ from pruning.payload import (
     Expected,
     PayloadError,
     PayloadMeta,
+    StoredPayload,
     decode_payload,
     encode_payload,
     layer_index,
@@ -76,9 +79,16 @@ def parts_of(blob):
 
 
 def reason_of(blob, expected=None):
+    """The reason a payload is refused, the same in memory and from the server's store."""
     with pytest.raises(PayloadError) as info:
         decode_payload(blob, expected)
     assert str(info.value).startswith(info.value.reason + ": ")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "payload.safetensors"
+        path.write_bytes(blob)
+        with pytest.raises(PayloadError) as stored:
+            StoredPayload(path, expected)
+    assert stored.value.reason == info.value.reason, (stored.value, info.value)
     return info.value.reason
 
 
@@ -122,10 +132,20 @@ def test_round_trip_is_lossless(rows, cols, dtype, style, layer, keep_p, explici
 
 def test_server_can_send_global_layers_back_down():
     weights, masks, model = layer_tensors([0, 3])
-    blob = encode_payload(weights, meta([0, 3], pruner="global", calib_tokens=0), masks)
+    blob = encode_payload(weights, meta([0, 3], pruner="", role="global", calib_tokens=0), masks)
     decoded = decode_payload(blob, Expected(model, layers={0, 3}))
-    assert decoded.meta.pruner == "global" and len(decoded.weights) == len(weights)
+    assert decoded.meta.role == "global" and len(decoded.weights) == len(weights)
     assert all(torch.equal(decoded.weights[k], weights[k]) for k in weights)
+
+
+def test_stored_payload_reads_back_one_tensor_at_a_time(tmp_path):
+    blob, expected, weights = valid_blob()
+    (tmp_path / "p.safetensors").write_bytes(blob)
+    stored = StoredPayload(tmp_path / "p.safetensors", expected)
+    assert stored.meta == decode_payload(blob).meta and sorted(stored.keys) == sorted(weights)
+    for key, weight in weights.items():
+        got, mask = stored.update(key)
+        assert torch.equal(got, weight) and torch.equal(mask, weight != 0)
 
 
 def test_decoded_stays_sparse_until_asked():
@@ -171,7 +191,13 @@ def test_rejects_unknown_format_version():
 
 @pytest.mark.parametrize(
     "change",
-    [{"format": "something-else"}, {"round": "two"}, {"pattern": "2-4"}, {"sparsity": "1.5"}],
+    [
+        {"format": "something-else"},
+        {"round": "two"},
+        {"pattern": "2-4"},
+        {"sparsity": "1.5"},
+        {"role": "boss"},
+    ],
 )
 def test_rejects_bad_metadata(change):
     assert reason_of(crafted({}, {**meta().to_strings(), **change})) == "metadata"

@@ -1,4 +1,6 @@
-"""FedSpaLLMStrategy against a fake Grid whose nodes run real ClientWorkers in-process."""
+"""FedSpaLLMStrategy over FederatedRun against a fake Grid whose nodes run real ClientWorkers
+in-process; every preset's output is checked bit for bit against a reference the test composes
+from the engine (client jobs, codec, merge) without the server machinery."""
 
 from __future__ import annotations
 
@@ -8,24 +10,29 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+from helpers import reference_run, reference_weights
 
-from pruning.federated import ClientData, ClientWorker, GlobalModel, Job
-from pruning.models import prunable_shapes
-from server_app.strategy import FedSpaLLMStrategy, Settings
+from pruning.config import ConfigError, RunConfig
+from pruning.federated import ClientData, ClientWorker, GlobalModel
+from pruning.server import FederatedRun, RunState
+from server_app import protocol
+from server_app.strategy import FedSpaLLMStrategy
 
 Behaviour = Callable[[Message], Message | None]  # None: the node never answers (dropout)
+SOURCES = ("wikitext2/wiki.valid.tokens", "ptb/ptb.valid.txt")
 
 
 class FakeGrid(Grid):
-    """Delivers each message to an in-process node and returns the replies it produced."""
+    """Delivers each pushed message to an in-process node and keeps its reply until pulled."""
 
     def __init__(self, nodes: dict[int, Behaviour]) -> None:
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
         self.nodes = nodes
-        self.sent: list[Message] = []
+        self.replies: dict[str, Message] = {}
+        self.pulls = 0
 
     def set_run(self, run) -> None:
         raise NotImplementedError
@@ -40,50 +47,44 @@ class FakeGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return list(self.nodes)
 
-    def push_messages(self, messages):
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
-        replies = []
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        ids = []
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as the real grids do
-            self.sent.append(msg)
+            ids.append(msg.metadata.message_id)
             reply = self.nodes[msg.metadata.dst_node_id](msg)
             if reply is not None:
-                replies.append(reply)
-        return replies
+                self.replies[msg.metadata.message_id] = reply
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        ids = list(message_ids)
+        self.pulls += 1
+        assert len(ids) == 1, "the strategy pulls one message at a time"
+        return [self.replies.pop(i) for i in ids if i in self.replies]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        raise NotImplementedError  # replies are streamed with push/pull
 
 
 def honest_node(
     worker: ClientWorker, data: ClientData, budget: int, partition_id: int = -1
 ) -> Behaviour:
     """A node that answers the query with its budget and prunes what it is told."""
-    from flwr.app import Array, ArrayRecord
 
     def behave(msg: Message) -> Message:
         if msg.metadata.message_type == MessageType.QUERY:
-            resources = MetricRecord({"max-layers": budget, "partition-id": partition_id})
-            return Message(RecordDict({"resources": resources}), reply_to=msg)
-        job = Job.from_config(dict(msg.content.config_records["config"]))
-        down = msg.content.array_records.get("global")
-        blob, metrics = worker.run(job, data, down["payload"].data if down else None)
-        array = Array(dtype="uint8", shape=(len(blob),), stype="safetensors", data=blob)
-        return Message(
-            RecordDict(
-                {"payload": ArrayRecord({"payload": array}), "metrics": MetricRecord(metrics)}
-            ),
-            reply_to=msg,
-        )
+            return protocol.resources_reply(
+                msg, {"max-layers": budget, "partition-id": partition_id}
+            )
+        job, down = protocol.read_job(msg)
+        return protocol.payload_reply(msg, *worker.run(job, data, down))
 
     return behave
 
 
 def failing_after_query(node: Behaviour, failure: str) -> Behaviour:
     """Answers the resource query, then fails its training job in the given way."""
-    from flwr.app import Array, ArrayRecord
 
     def behave(msg: Message) -> Message | None:
         if msg.metadata.message_type == MessageType.QUERY:
@@ -91,62 +92,70 @@ def failing_after_query(node: Behaviour, failure: str) -> Behaviour:
         if failure == "dropout":
             return None
         if failure == "error":
-            return Message(Error(code=1, reason="CUDA out of memory"), reply_to=msg)
+            return protocol.error_reply(msg, "CUDA out of memory")
         if failure == "vanished":  # the SuperLink answers for a node that went away
-            reply = Message(Error(code=2, reason="node unavailable"), reply_to=msg)
+            reply = protocol.error_reply(msg, "node unavailable")
             reply.metadata.__dict__["_src_node_id"] = 1
             return reply
-        garbage = b"\x00" * 64  # not safetensors
-        return Message(
-            RecordDict(
-                {
-                    "payload": ArrayRecord(
-                        {
-                            "payload": Array(
-                                dtype="uint8", shape=(64,), stype="safetensors", data=garbage
-                            )
-                        }
-                    )
-                }
-            ),
-            reply_to=msg,
-        )
+        return protocol.payload_reply(msg, b"\x00" * 64, {})  # not safetensors
 
     return behave
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_llama_dir: Path, tmp_path_factory) -> dict:
+def setup(tiny_llama_dir: Path, data_dir: Path, tmp_path_factory) -> dict:
     text = tmp_path_factory.mktemp("data") / "private.txt"
     rows = [f"row {i} of a private corpus about topic {i % 7} and more words" for i in range(400)]
     text.write_text("\n".join(rows))
     worker = ClientWorker(str(tiny_llama_dir))
-    return {"model": str(tiny_llama_dir), "worker": worker, "data": ClientData(path=str(text))}
+    return {
+        "model": str(tiny_llama_dir),
+        "worker": worker,
+        "data": ClientData(path=str(text)),
+        "root": data_dir,
+        "out": tmp_path_factory.mktemp("runs"),
+    }
 
 
-def run_strategy(setup: dict, nodes: dict[int, Behaviour], **overrides) -> FedSpaLLMStrategy:
-    settings = Settings(
-        min_nodes=len(nodes), nsamples=4, seqlen=32, num_server_rounds=4, **overrides
-    )
-    model = GlobalModel(setup["model"], settings.sparsity, settings.pattern)
-    strategy = FedSpaLLMStrategy(model, settings)
-    strategy.run(FakeGrid(nodes))
-    return strategy
+def config(setup: dict, nodes: int, **overrides) -> RunConfig:
+    values = {"model": setup["model"], "min_nodes": nodes, "nsamples": 4, "seqlen": 32}
+    values |= {"num_server_rounds": 4, "round_timeout": 0.5, "data_dir": str(setup["root"])}
+    return RunConfig(**(values | overrides)).checked()
+
+
+def run_strategy(setup: dict, nodes: dict[int, Behaviour], **overrides) -> FederatedRun:
+    cfg = config(setup, len(nodes), **overrides)
+    out = setup["out"] / uuid.uuid4().hex
+    run = FederatedRun(cfg, GlobalModel(cfg.model, cfg.dtype), out)
+    FedSpaLLMStrategy(run).run(FakeGrid(nodes))
+    return run
+
+
+def pruned_weights(run: FederatedRun) -> dict[str, torch.Tensor]:
+    return {k: run.model.params[k].detach().clone() for k in run.model.shapes}
 
 
 def test_assignment_follows_budgets_and_covers_every_layer(setup: dict) -> None:
     w, d = setup["worker"], setup["data"]
     nodes = {11: honest_node(w, d, 1), 22: honest_node(w, d, 2), 33: honest_node(w, d, 3)}
-    strategy = run_strategy(setup, nodes)
-    first = strategy.rounds[0]
-    assert strategy.budgets == {11: 1, 22: 2, 33: 3}
+    run = run_strategy(setup, nodes)
+    first = run.state.rounds[0]
+    assert run.state.budgets == {11: 1, 22: 2, 33: 3}
     assert {n: len(v) for n, v in first.assignment.items()} == {11: 1, 22: 2, 33: 3}
     assert set().union(*first.assignment.values()) == {0, 1, 2, 3}
-    assert not strategy.remaining and len(strategy.rounds) == 1
-    for layer in strategy.model.layer_shapes.values():  # exact 50% in every aggregated tensor
-        for key, (rows, cols) in layer.items():
-            weight = dict(strategy.model.model.named_parameters())[key]
-            assert abs(int((weight == 0).sum()) - rows * cols // 2) <= 1
+    assert not run.state.remaining and len(run.state.rounds) == 1
+    assert all(r.verdict == "accepted" for r in first.replies.values())
+    for key, (rows, cols) in run.model.shapes.items():  # exact 50% in every aggregated tensor
+        assert abs(int((run.model.params[key] == 0).sum()) - rows * cols // 2) <= 1
+
+
+def test_state_is_written_each_round_and_the_spool_is_released(setup: dict) -> None:
+    w, d = setup["worker"], setup["data"]
+    nodes = {1: honest_node(w, d, 1), 2: failing_after_query(honest_node(w, d, 1), "error")}
+    run = run_strategy(setup, nodes)
+    saved = RunState.from_dict(__import__("json").loads((run.out / "state.json").read_text()))
+    assert saved == run.state and len(saved.rounds) == 4 and not saved.remaining
+    assert not any((run.out / "spool").glob("round-*/*")), "merged payloads stay on disk"
 
 
 def test_simulated_nodes_are_sampled_by_partition_not_by_random_node_id(setup: dict) -> None:
@@ -156,9 +165,9 @@ def test_simulated_nodes_are_sampled_by_partition_not_by_random_node_id(setup: d
     for ids in ([11, 22, 33], [903, 17, 455]):  # node ids in partition order 0, 1, 2
         budgets = dict(zip(ids, [1, 2, 2], strict=True))
         nodes = {n: honest_node(w, d, budgets[n], partition_id=ids.index(n)) for n in ids}
-        strategy = run_strategy(setup, nodes)
-        by_partition = {ids.index(n): v for n, v in strategy.rounds[0].assignment.items()}
-        runs.append((by_partition, dict(strategy.model.model.named_parameters())))
+        run = run_strategy(setup, nodes)
+        by_partition = {ids.index(n): v for n, v in run.state.rounds[0].assignment.items()}
+        runs.append((by_partition, pruned_weights(run)))
     (first, weights), (second, weights_again) = runs
     assert first == second
     assert all(torch.equal(weights[k], weights_again[k]) for k in weights)
@@ -172,31 +181,28 @@ def test_failed_node_layers_are_reassigned(setup: dict, failure: str) -> None:
         2: honest_node(w, d, 2),
         3: failing_after_query(honest_node(w, d, 2), failure),
     }
-    strategy = run_strategy(setup, nodes)
-    first, second = strategy.rounds[0], strategy.rounds[1]
-    assert not first.replies[3]["ok"] and first.replies[3]["reason"]
+    run = run_strategy(setup, nodes)
+    first, second = run.state.rounds[0], run.state.rounds[1]
+    assert not first.replies[3].ok and first.replies[3].reason
     assert set(first.replies) == {1, 2, 3}  # no reply is booked on a node that had no job
     lost = set(first.assignment[3]) - set(first.aggregated)
     assert lost, "node 3 held layers nobody else pruned in round 1"
     assert 3 not in second.assignment
     assert set().union(*second.assignment.values()) >= lost
-    assert not strategy.remaining
-    if failure == "garbage":
-        assert (
-            "not-safetensors" in first.replies[3]["reason"]
-            or "truncated" in first.replies[3]["reason"]
-        )
+    assert not run.state.remaining
+    reason = {"dropout": "no reply", "error": "CUDA out of memory", "vanished": "unavailable"}
+    assert reason.get(failure, "not-safetensors") in first.replies[3].reason
 
 
 def test_later_rounds_receive_the_global_layers_below_their_assignment(setup: dict) -> None:
     w, d = setup["worker"], setup["data"]
     nodes = {1: honest_node(w, d, 2), 2: failing_after_query(honest_node(w, d, 2), "error")}
-    strategy = run_strategy(setup, nodes)
-    second = strategy.rounds[1]
+    run = run_strategy(setup, nodes)
+    second = run.state.rounds[1]
     ((node, layers),) = second.assignment.items()
-    below = [i for i in strategy.rounds[0].aggregated if i < max(layers)]
-    assert bool(second.replies[node]["bytes_down"]) == bool(below)
-    assert not strategy.remaining
+    below = [i for i in run.state.rounds[0].aggregated if i < max(layers)]
+    assert bool(second.replies[node].bytes_down) == bool(below)
+    assert not run.state.remaining
 
 
 def test_same_seed_same_masks(setup: dict) -> None:
@@ -204,15 +210,69 @@ def test_same_seed_same_masks(setup: dict) -> None:
 
     def masks() -> dict[str, torch.Tensor]:
         nodes = {1: honest_node(w, d, 3), 2: honest_node(w, d, 3)}
-        model = run_strategy(setup, nodes).model.model
-        keys = [k for layer in prunable_shapes(model).values() for k in layer]
-        params = dict(model.named_parameters())
-        return {k: params[k] != 0 for k in keys}
+        return {k: v != 0 for k, v in pruned_weights(run_strategy(setup, nodes)).items()}
 
     first, second = masks(), masks()
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
-def test_unknown_method_is_refused() -> None:
-    with pytest.raises(ValueError, match="method 'fedfoo'"):
-        Settings.from_run_config({"method": "fedfoo"})
+PRESETS = [
+    ("fedspallm", ""),
+    ("fedspallm", "2:4"),
+    ("fedprllm", ""),
+    ("fedavg", ""),
+    ("local-only", ""),
+    ("centralized", ""),
+]
+
+
+@pytest.mark.parametrize(("method", "pattern"), PRESETS)
+def test_each_preset_equals_a_reference_built_from_the_engine(
+    setup: dict, method: str, pattern: str
+) -> None:
+    """Three simulated partitions (WikiText-2, WikiText-2, PTB), budgets 2/1/2: the run's
+    output equals, bit for bit, the clients' payloads merged tensor by tensor in partition
+    order without the server machinery (state, store, streaming)."""
+    w, budgets = setup["worker"], [2, 1, 2]
+
+    def data(pid: int) -> ClientData:
+        return ClientData(
+            sources=list(SOURCES), partition_id=pid, num_partitions=3, root=setup["root"]
+        )
+
+    ids = [907, 15, 433]  # partition 0, 1, 2
+    nodes = {n: honest_node(w, data(p), budgets[p], partition_id=p) for p, n in enumerate(ids)}
+    run = run_strategy(setup, nodes, method=method, pattern=pattern)
+    cfg = run.cfg
+
+    reference = reference_run(cfg, w, data, budgets)
+    if method == "local-only":
+        assert sorted(run.local) == sorted(ids)
+        for p, payload in reference.items():
+            stored = run.local[ids[p]]
+            for key in payload.sparse:
+                assert torch.equal(stored.update(key)[0], payload.update(key)[0]), key
+        return
+    expected = reference_weights(cfg, reference)
+    assert all(torch.equal(w, expected[k]) for k, w in pruned_weights(run).items())
+
+
+def test_run_config_is_checked_once_with_named_keys() -> None:
+    with pytest.raises(ConfigError, match="method 'fedfoo'"):
+        RunConfig.parse({"method": "fedfoo"})
+    with pytest.raises(ConfigError, match="unknown run-config key"):
+        RunConfig.parse({"sparsty": 0.5})
+    with pytest.raises(ConfigError, match="vote-scaling"):
+        RunConfig.parse({"method": "fedspallm", "vote-scaling": True})
+    with pytest.raises(ConfigError, match="contradicts"):
+        RunConfig.parse({"sparsity": 0.7, "pattern": "2:4"})
+    cfg = RunConfig.parse({"calib-sources": "a.txt, b.txt", "sim-max-layers": "3,2"})
+    assert cfg.calib_sources == ("a.txt", "b.txt") and cfg.sim_budget(3) == 2
+
+
+def test_pyproject_defaults_are_the_run_config_defaults() -> None:
+    import tomllib
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    app_config = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]
+    assert RunConfig.parse(app_config) == RunConfig()

@@ -1,0 +1,122 @@
+"""The run config, parsed once for the ServerApp and the ClientApp.
+
+Keys and defaults are those of ``[tool.flwr.app.config]`` in ``pyproject.toml`` (a test keeps the
+two equal); a value is checked here, before any model is loaded, so a typo fails the run at once
+with the key's name. Kebab-case keys map to the snake-case fields below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .models import DEFAULT_DTYPE, DTYPES
+from .pruners import METHODS as PRUNERS
+from .sparsity import Target
+
+SCOPES = ("assigned", "all")
+
+
+class ConfigError(ValueError):
+    """A run-config key that is unknown or whose value cannot be used."""
+
+
+def _csv(value: Any) -> tuple[str, ...]:
+    if isinstance(value, (list, tuple)):
+        return tuple(str(v).strip() for v in value if str(v).strip())
+    return tuple(v.strip() for v in str(value).split(",") if v.strip())
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every setting of a federated run (see the README's table for their meaning)."""
+
+    method: str = "fedspallm"
+    model: str = "smollm2-135m"
+    dtype: str = DEFAULT_DTYPE
+    num_server_rounds: int = 3
+    min_nodes: int = 4
+    sparsity: float = 0.5
+    pattern: str = ""
+    pruner: str = "sparsegpt"
+    nsamples: int = 32
+    seqlen: int = 512
+    seed: int = 0
+    scope: str = "assigned"
+    true_sequential: bool = False
+    vote_scaling: bool = False
+    calib_sources: tuple[str, ...] = ("wikitext2/wiki.valid.tokens", "ptb/ptb.valid.txt")
+    sim_max_layers: tuple[int, ...] = (24, 16, 12, 8)
+    max_layers: int = 0
+    data_dir: str = ""
+    eval_data: tuple[str, ...] = ("wikitext2/wiki.test.raw", "ptb/ptb.test.txt")
+    eval_max_windows: int = 32
+    eval_dense: bool = True
+    out_dir: str = "runs"
+    round_timeout: float = 3600.0
+    node_wait_timeout: float = 600.0
+    max_payload_mb: float = 0.0
+    text_field: str = "text"
+
+    @classmethod
+    def parse(cls, values: Mapping[str, Any]) -> RunConfig:
+        """A checked config from a Flower run config (kebab-case keys, scalar values)."""
+        names = {f.name.replace("_", "-"): f for f in fields(cls)}
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise ConfigError(f"unknown run-config key(s) {', '.join(unknown)}")
+        kwargs = {}
+        for key, value in values.items():
+            field = names[key]
+            kind = type(getattr(cls, field.name))
+            try:
+                if kind is tuple:
+                    items = _csv(value)
+                    kwargs[field.name] = (
+                        tuple(int(v) for v in items) if key.startswith("sim-") else items
+                    )
+                elif kind is bool:
+                    if not isinstance(value, bool):
+                        raise TypeError(f"{value!r} is not true/false")
+                    kwargs[field.name] = value
+                else:
+                    kwargs[field.name] = kind(value)
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"run-config key {key!r}: {err}") from None
+        return cls(**kwargs).checked()
+
+    def checked(self) -> RunConfig:
+        from .methods import METHODS  # the method table imports this module
+
+        choices = {
+            "method": (self.method, METHODS),
+            "pruner": (self.pruner, PRUNERS),
+            "scope": (self.scope, SCOPES),
+            "dtype": (self.dtype, DTYPES),
+        }
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ConfigError(f"{key} {value!r} is not one of {', '.join(allowed)}")
+        try:
+            self.target()
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if self.vote_scaling and METHODS[self.method].scaled_merge is None:
+            raise ConfigError("vote-scaling applies to the mask-vote merge (fedprllm) only")
+        return self
+
+    def target(self) -> Target:
+        return Target.of(self.sparsity, self.pattern)
+
+    @property
+    def data_root(self) -> Path | None:
+        """The folder relative data paths are read from (``None``: ``$FEDSPALLM_DATA``)."""
+        return Path(self.data_dir).expanduser() if self.data_dir else None
+
+    def sim_budget(self, partition_id: int | None) -> int:
+        """Layers per round of a simulated node: its ``sim-max-layers`` entry, else the default."""
+        if self.sim_max_layers and partition_id is not None:
+            return self.sim_max_layers[partition_id % len(self.sim_max_layers)]
+        return self.max_layers

@@ -1,0 +1,351 @@
+"""The server side of a federated run, free of any Flower type.
+
+Flow of a round: the run state gives the layers still to prune and each node's budget; the
+method's plan assigns layers to nodes (:meth:`FederatedRun.start_round` returns one
+:class:`Task` per node); each reply is checked against what its node was asked for and written
+to the payload store (:meth:`FederatedRun.receive`), so no payload stays in memory; then
+:meth:`FederatedRun.close_round` screens the stored payloads, merges each layer from them one
+tensor at a time, expands the merged mask to the exact target and updates the state, which is
+written to ``state.json`` in the run directory. ``server_app/strategy.py`` only moves tasks and
+replies through Flower.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+from .aggregate import merge_tensor
+from .config import RunConfig
+from .federated import GlobalModel, Job
+from .methods import METHODS
+from .payload import Expected, PayloadError, StoredPayload
+from .report import bytes_totals
+from .sampling import budget_from_resources
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Reply:
+    """What became of one node's job in one round."""
+
+    ok: bool = False
+    reason: str = "no reply"
+    bytes_up: int = 0
+    bytes_down: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    verdict: str = ""  # the screening step's word on a valid payload
+
+
+@dataclass
+class RoundLog:
+    round: int
+    phase: str
+    assignment: dict[int, list[int]]
+    uncovered: list[int]
+    replies: dict[int, Reply] = field(default_factory=dict)
+    aggregated: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class RunState:
+    """Everything the server knows between rounds; ``to_dict`` is what ``state.json`` holds."""
+
+    num_layers: int
+    remaining: list[int]
+    done: list[int] = field(default_factory=list)
+    budgets: dict[int, int] = field(default_factory=dict)  # nodes still taking work
+    reported: dict[int, int] = field(default_factory=dict)  # budgets as first reported
+    resources: dict[int, dict] = field(default_factory=dict)
+    rounds: list[RoundLog] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """JSON-ready (node ids become string keys, as in the report)."""
+
+        def keyed(d: dict) -> dict:
+            return {str(k): v for k, v in d.items()}
+
+        out = asdict(self)
+        for name in ("budgets", "reported", "resources"):
+            out[name] = keyed(out[name])
+        for rnd in out["rounds"]:
+            rnd["assignment"], rnd["replies"] = keyed(rnd["assignment"]), keyed(rnd["replies"])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunState:
+        def keyed(d: dict) -> dict:
+            return {int(k): v for k, v in d.items()}
+
+        rounds = [
+            RoundLog(
+                **{**r, "assignment": keyed(r["assignment"])},
+            )
+            for r in data["rounds"]
+        ]
+        for rnd in rounds:
+            rnd.replies = {int(n): Reply(**v) for n, v in rnd.replies.items()}
+        return cls(
+            data["num_layers"],
+            data["remaining"],
+            data["done"],
+            keyed(data["budgets"]),
+            keyed(data["reported"]),
+            keyed(data["resources"]),
+            rounds,
+        )
+
+    def sampling_keys(self) -> dict[int, str]:
+        """A stable name per node for the plans, so the same config gives the same masks.
+
+        Simulation draws random node ids on every run, but each node there reports a distinct
+        partition id, which names it; elsewhere (deployment) the node id does.
+        """
+        pids = {n: int(self.resources.get(n, {}).get("partition-id", -1)) for n in self.budgets}
+        if min(pids.values(), default=-1) >= 0 and len(set(pids.values())) == len(pids):
+            return {n: str(p) for n, p in pids.items()}
+        return {n: str(n) for n in self.budgets}
+
+
+@dataclass(frozen=True)
+class Task:
+    """One node's work in a round: the job, and the aggregated layers it must build on."""
+
+    node: int
+    job: Job
+    downlink: bytes | None
+
+
+class PayloadStore:
+    """Checked payloads on disk, ``<run>/spool/round-<r>/node-<id>.safetensors``.
+
+    A payload is written as received, validated from the file and kept only if valid; merges
+    read it back one tensor at a time, so server memory does not grow with the number of
+    clients. A round's folder is removed once its layers are merged.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def put(self, rnd: int, node: int, blob: bytes, expected: Expected) -> StoredPayload:
+        path = self.root / f"round-{rnd}" / f"node-{node}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(blob)
+        try:
+            payload = StoredPayload(path, expected)
+            missing = set(expected.layers or ()) - set(payload.meta.layers)
+            if missing:
+                raise PayloadError("unassigned-layer", f"layers {sorted(missing)} missing")
+        except PayloadError:
+            path.unlink()
+            raise
+        return payload
+
+    def drop(self, rnd: int) -> None:
+        shutil.rmtree(self.root / f"round-{rnd}", ignore_errors=True)
+
+
+def screen(payloads: dict[int, StoredPayload]) -> dict[int, str]:
+    """Verdict per client before the merge; every checked payload is accepted for now (the
+    place where robust screening of well-formed but wrong payloads plugs in)."""
+    return {node: "accepted" for node in payloads}
+
+
+class FederatedRun:
+    """One federated pruning run on the server: state, plans, store, merges, outputs."""
+
+    def __init__(self, cfg: RunConfig, model: GlobalModel, out: Path) -> None:
+        self.cfg, self.model, self.out = cfg, model, out
+        self.method = METHODS[cfg.method]
+        self.merge = self.method.merge_for(cfg.vote_scaling)
+        self.state = RunState(model.num_layers, list(range(model.num_layers)))
+        self.store = PayloadStore(out / "spool")
+        self.payloads: dict[int, StoredPayload] = {}  # valid payloads of the open round
+        self.local: dict[int, StoredPayload] = {}  # local-only: every node's own layers
+        self.started = self.round_started = time.perf_counter()
+
+    # -- nodes -----------------------------------------------------------------------------
+
+    def add_node(self, node: int, resources: dict) -> None:
+        """Turn a node's reported resources into its per-round layer budget."""
+        max_layers, memory_gb = resources.get("max-layers", 0), resources.get("memory-gb", 0)
+        self.state.resources[node] = dict(resources)
+        self.state.reported[node] = budget_from_resources(
+            self.model.num_layers,
+            int(max_layers) if max_layers > 0 else None,
+            float(memory_gb) if memory_gb > 0 else None,
+            self.model.layer_bytes(),
+        )
+        if self.state.reported[node] > 0:
+            self.state.budgets[node] = self.state.reported[node]
+
+    # -- rounds ----------------------------------------------------------------------------
+
+    def start_round(self) -> list[Task] | None:
+        """Plan the next round; ``None`` when every layer is pruned or the rounds ran out."""
+        rnd = len(self.state.rounds) + 1
+        if not self.state.remaining or rnd > self.cfg.num_server_rounds:
+            if self.state.remaining:
+                log.warning("rounds exhausted with layers %s still unpruned", self.state.remaining)
+            return None
+        if not self.state.budgets:
+            raise RuntimeError("no node is left to prune the remaining layers")
+        keys = self.state.sampling_keys()
+        node_of = {key: n for n, key in keys.items()}
+        budgets = {keys[n]: b for n, b in self.state.budgets.items()}
+        plan = self.method.plan(budgets, self.state.remaining, self.cfg.seed, rnd)
+        assignment = {node_of[k]: layers for k, layers in plan.per_client.items()}
+        log.info("round %d: assignment %s, carried over %s", rnd, assignment, plan.uncovered)
+        current = RoundLog(rnd, "prune", assignment, plan.uncovered)
+        self.state.rounds.append(current)
+        tasks = []
+        for node, layers in assignment.items():
+            below = [i for i in sorted(self.state.done) if i < max(layers)]
+            down = (
+                self.model.encode(below, rnd, self.cfg.sparsity, self.cfg.pattern)
+                if below
+                else None
+            )
+            current.replies[node] = Reply(bytes_down=len(down) if down else 0)
+            tasks.append(Task(node, Job.plan(self.cfg, rnd, layers, self.method.union), down))
+        self.payloads, self.round_started = {}, time.perf_counter()
+        return tasks
+
+    def receive(
+        self, node: int, blob: bytes | None, error: str | None = None, metrics: dict | None = None
+    ) -> None:
+        """Check one reply against its node's job and store it; failures are logged, not raised."""
+        current = self.state.rounds[-1]
+        if node not in current.assignment:
+            log.warning("ignoring a reply from node %d, which had no job", node)
+            return
+        entry = current.replies[node]
+        if error is not None:
+            entry.reason = f"error reply: {error}"
+            log.warning("node %d failed: %s", node, error)
+            return
+        if blob is None:
+            entry.reason = "reply carries no payload"
+            return
+        entry.bytes_up = len(blob)
+        layers = current.assignment[node]
+        try:
+            self.payloads[node] = self.store.put(current.round, node, blob, self._expected(layers))
+        except PayloadError as err:
+            entry.reason = str(err)
+            log.warning("node %d sent a bad payload, dropped: %s", node, err)
+            return
+        entry.ok, entry.reason, entry.metrics = True, "", dict(metrics or {})
+
+    def _expected(self, layers: list[int]) -> Expected:
+        """What a node's payload must be; the size cap is the configured one, or twice the
+        dense bytes of its layers."""
+        cap = self.cfg.max_payload_mb
+        max_bytes = int(cap * 2**20) if cap > 0 else 2 * self.model.dense_bytes(layers) + 65536
+        return Expected(
+            self.model.shapes, set(layers), self.model.dtype, self.cfg.sparsity, max_bytes=max_bytes
+        )
+
+    def close_round(self) -> None:
+        """Screen, merge and expand every layer some valid node pruned; re-queue the rest."""
+        current = self.state.rounds[-1]
+        for node in current.assignment:  # a node that failed once gets no further work this run
+            if not current.replies[node].ok:
+                self.state.budgets.pop(node, None)
+        for node, verdict in screen(self.payloads).items():
+            current.replies[node].verdict = verdict
+        # merge in a fixed client order (partition, then node id): float sums depend on it
+        valid = sorted(
+            (n for n in self.payloads if current.replies[n].verdict == "accepted"),
+            key=lambda n: (int(self.state.resources.get(n, {}).get("partition-id", -1)), n),
+        )
+        if self.merge is None:
+            self.local.update({n: self.payloads[n] for n in valid})
+            covered = set(self.state.remaining) if valid else set()
+        else:
+            covered = {i for n in valid for i in current.assignment[n]}
+            for layer in sorted(covered):
+                holders = [self.payloads[n] for n in valid if layer in current.assignment[n]]
+                self._merge_layer(layer, holders)
+            self.store.drop(current.round)
+        current.aggregated = sorted(covered)
+        self.state.done = sorted(set(self.state.done) | covered)
+        self.state.remaining = [i for i in self.state.remaining if i not in covered]
+        current.seconds = time.perf_counter() - self.round_started
+        log.info(
+            "round %d: aggregated %d layers, %d remaining, failed nodes %s",
+            current.round,
+            len(covered),
+            len(self.state.remaining),
+            [n for n in current.assignment if not current.replies[n].ok],
+        )
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "state.json").write_text(json.dumps(self.state.to_dict(), indent=1))
+
+    def _merge_layer(self, layer: int, holders: list[StoredPayload]) -> None:
+        target = self.cfg.target()
+        for key in self.model.layer_shapes[layer]:
+            sources = [partial(p.update, key) for p in holders]
+            weight, _ = merge_tensor(
+                self.merge, sources, target, dense=lambda k=key: self.model.params[k].detach()
+            )
+            self.model.write(key, weight)
+
+    # -- outputs ---------------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        cfg = self.cfg
+        windows = cfg.eval_max_windows or None
+        return self.model.evaluate(list(cfg.eval_data), cfg.seqlen, windows, cfg.data_root)
+
+    def finish(self, dense: dict[str, float]) -> dict:
+        """Save the pruned model (or evaluate each node alone, for local-only) and build the
+        report; the payload store is removed."""
+        cfg, state = self.cfg, self.state
+        perplexity: dict = {"dense": dense}
+        saved: dict = {}
+        if self.merge is None:
+            windows = cfg.eval_max_windows or None
+            per_client = {
+                str(n): self.model.evaluate_alone(
+                    p, list(cfg.eval_data), cfg.seqlen, windows, cfg.data_root
+                )
+                for n, p in self.local.items()
+            }
+            perplexity["clients"] = per_client
+            perplexity["pruned"] = (
+                {s: sum(c[s] for c in per_client.values()) / len(per_client) for s in cfg.eval_data}
+                if per_client
+                else {}
+            )
+        else:
+            saved = self.model.save(self.out, state.done, cfg.sparsity, cfg.pattern)
+            perplexity["pruned"] = self.evaluate()
+        shutil.rmtree(self.store.root, ignore_errors=True)
+        data = state.to_dict()
+        return {
+            "model": cfg.model,
+            "config": {k.replace("_", "-"): v for k, v in asdict(cfg).items()},
+            "num_layers": state.num_layers,
+            "nodes": {
+                n: {"budget": data["reported"].get(n, 0), "resources": r}
+                for n, r in data["resources"].items()
+            },
+            "rounds": data["rounds"],
+            "complete": not state.remaining,
+            "unpruned_layers": state.remaining,
+            "bytes": bytes_totals(data["rounds"]),
+            "perplexity": perplexity,
+            **saved,
+            "seconds": time.perf_counter() - self.started,
+            "server_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "out": str(self.out),
+        }
