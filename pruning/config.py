@@ -29,8 +29,27 @@ def _csv(value: Any) -> tuple[str, ...]:
     return tuple(v.strip() for v in str(value).split(",") if v.strip())
 
 
-@dataclass(frozen=True)
-class RunConfig:
+@dataclass
+class PruneSpec:
+    """What every pruning job of a run shares: the run config sets it, each job carries it."""
+
+    sparsity: float = 0.5
+    pattern: str = ""
+    pruner: str = "sparsegpt"
+    nsamples: int = 32
+    seqlen: int = 512
+    seed: int = 0
+    # "assigned": prune only the uploaded layers, propagate through the others as they are;
+    # "all": prune every layer up to the last uploaded one, so each sees pruned inputs
+    scope: str = "assigned"
+    true_sequential: bool = False
+
+    def target(self) -> Target:
+        return Target.of(self.sparsity, self.pattern)
+
+
+@dataclass
+class RunConfig(PruneSpec):
     """Every setting of a federated run (see the README's table for their meaning)."""
 
     method: str = "fedspallm"
@@ -38,14 +57,6 @@ class RunConfig:
     dtype: str = DEFAULT_DTYPE
     num_server_rounds: int = 3
     min_nodes: int = 4
-    sparsity: float = 0.5
-    pattern: str = ""
-    pruner: str = "sparsegpt"
-    nsamples: int = 32
-    seqlen: int = 512
-    seed: int = 0
-    scope: str = "assigned"
-    true_sequential: bool = False
     vote_scaling: bool = False
     calib_sources: tuple[str, ...] = ("wikitext2/wiki.valid.tokens", "ptb/ptb.valid.txt")
     sim_max_layers: tuple[int, ...] = (24, 16, 12, 8)
@@ -106,9 +117,6 @@ class RunConfig:
         if self.vote_scaling and METHODS[self.method].scaled_merge is None:
             raise ConfigError("vote-scaling applies to the mask-vote merge (fedprllm) only")
         return self
-
-    def target(self) -> Target:
-        return Target.of(self.sparsity, self.pattern)
 
     @property
     def data_root(self) -> Path | None:

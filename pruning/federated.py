@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .config import SCOPES, RunConfig
+from .config import SCOPES, PruneSpec, RunConfig
 from .data import get_calibration
 from .driver import PruneConfig, prune_layers
 from .evaluate import perplexity, sparsity_report
@@ -34,27 +34,17 @@ PHASES = ("prune",)  # what a job asks of a client; later rounds types add their
 
 
 @dataclass
-class Job:
+class Job(PruneSpec):
     """One client's work for one round, as the server sends it (no model, no data)."""
 
     round: int = 0
     layers: list[int] = field(default_factory=list)  # layers to prune and upload
     phase: str = "prune"
-    sparsity: float = 0.5
-    pattern: str = ""
-    pruner: str = "sparsegpt"
-    nsamples: int = 32
-    seqlen: int = 512
-    seed: int = 0
-    # "assigned": prune only the uploaded layers, propagate through the others as they are;
-    # "all": prune every layer up to the last uploaded one, so each sees pruned inputs
-    scope: str = "assigned"
-    true_sequential: bool = False
     union: bool = False  # calibrate on every partition (the centralized baseline)
 
     @classmethod
     def plan(cls, cfg: RunConfig, round: int, layers: list[int], union: bool = False) -> Job:
-        shared = {f.name: getattr(cfg, f.name) for f in fields(cls) if hasattr(cfg, f.name)}
+        shared = {f.name: getattr(cfg, f.name) for f in fields(PruneSpec)}
         return cls(**shared, round=round, layers=sorted(layers), union=union)
 
     def to_config(self) -> dict:
