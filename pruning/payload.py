@@ -189,6 +189,26 @@ class Expected:
     sparsity: float | None = None
     density_slack: float = 0.05  # tolerated kept fraction above 1 - sparsity, per tensor
     max_bytes: int | None = None
+    # the job it answers: another round is a replay, other settings a misdirected payload
+    round: int | None = None
+    pattern: str | None = None
+    pruner: str | None = None
+    role: str | None = None
+
+    def check_meta(self, meta: PayloadMeta) -> PayloadMeta:
+        """The payload must answer this job: same round, role and pruning settings."""
+        if self.round is not None and meta.round != self.round:
+            raise PayloadError(
+                "stale-round", f"payload of round {meta.round}, expected {self.round}"
+            )
+        if self.role is not None and meta.role != self.role:
+            raise PayloadError("role", f"a {meta.role!r} payload, expected {self.role!r}")
+        claimed = (meta.sparsity, meta.pattern, meta.pruner)
+        wanted = (self.sparsity, self.pattern, self.pruner)
+        for name, got, want in zip(("sparsity", "pattern", "pruner"), claimed, wanted, strict=True):
+            if want is not None and got != want:
+                raise PayloadError("settings", f"{name} {got!r}, the job asked for {want!r}")
+        return meta
 
 
 def encode_payload(
@@ -215,7 +235,7 @@ def decode_payload(blob: bytes, expected: Expected | None = None) -> Decoded:
     assignment, dtype, density and size.
     """
     _check_size(len(blob), expected)
-    meta = PayloadMeta.from_strings(_read_header(blob, len(blob)).get("__metadata__") or {})
+    meta = _meta(_read_header(blob, len(blob)), expected)
     try:
         tensors = safetensors.torch.load(bytes(blob))
     except Exception as err:  # the Rust parser's errors have no common Python base class
@@ -238,7 +258,7 @@ class StoredPayload:
             head = fh.read(8)
             length = int.from_bytes(head, "little") if len(head) == 8 else 0
             head += fh.read(max(0, min(length, size - 8)))
-        self.meta = PayloadMeta.from_strings(_read_header(head, size).get("__metadata__") or {})
+        self.meta = _meta(_read_header(head, size), expected)
         with self._open() as f:
             self.keys = [k for k, _ in _checked_groups(f.keys(), f.get_tensor, self.meta, expected)]
 
@@ -256,6 +276,11 @@ class StoredPayload:
     def update(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(weight, mask)`` of one key (an aggregation source)."""
         return self.sparse(key).unpack()
+
+
+def _meta(header: dict, expected: Expected | None) -> PayloadMeta:
+    meta = PayloadMeta.from_strings(header.get("__metadata__") or {})
+    return expected.check_meta(meta) if expected is not None else meta
 
 
 def _check_size(size: int, expected: Expected | None) -> None:

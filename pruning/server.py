@@ -168,6 +168,7 @@ class FederatedRun:
         self.merge = self.method.merge_for(cfg.vote_scaling)
         self.state = RunState(model.num_layers, list(range(model.num_layers)))
         self.store = PayloadStore(out / "spool")
+        self.jobs: dict[int, Job] = {}  # the open round's jobs, by node
         self.payloads: dict[int, StoredPayload] = {}  # valid payloads of the open round
         self.local: dict[int, StoredPayload] = {}  # local-only: every node's own layers
         self.started = self.round_started = time.perf_counter()
@@ -216,6 +217,7 @@ class FederatedRun:
             )
             current.replies[node] = Reply(bytes_down=len(down) if down else 0)
             tasks.append(Task(node, Job.plan(self.cfg, rnd, layers, self.method.union), down))
+        self.jobs = {t.node: t.job for t in tasks}
         self.payloads, self.round_started = {}, time.perf_counter()
         return tasks
 
@@ -236,22 +238,32 @@ class FederatedRun:
             entry.reason = "reply carries no payload"
             return
         entry.bytes_up = len(blob)
-        layers = current.assignment[node]
         try:
-            self.payloads[node] = self.store.put(current.round, node, blob, self._expected(layers))
+            self.payloads[node] = self.store.put(
+                current.round, node, blob, self._expected(self.jobs[node])
+            )
         except PayloadError as err:
             entry.reason = str(err)
             log.warning("node %d sent a bad payload, dropped: %s", node, err)
             return
         entry.ok, entry.reason, entry.metrics = True, "", dict(metrics or {})
 
-    def _expected(self, layers: list[int]) -> Expected:
-        """What a node's payload must be; the size cap is the configured one, or twice the
-        dense bytes of its layers."""
+    def _expected(self, job: Job) -> Expected:
+        """What a node's payload must be: an answer to its job of this round, within the size
+        cap (the configured one, or twice the dense bytes of its layers)."""
         cap = self.cfg.max_payload_mb
+        layers = job.layers
         max_bytes = int(cap * 2**20) if cap > 0 else 2 * self.model.dense_bytes(layers) + 65536
         return Expected(
-            self.model.shapes, set(layers), self.model.dtype, self.cfg.sparsity, max_bytes=max_bytes
+            self.model.shapes,
+            set(layers),
+            self.model.dtype,
+            job.sparsity,
+            max_bytes=max_bytes,
+            round=job.round,
+            pattern=job.pattern,
+            pruner=job.pruner,
+            role="update",
         )
 
     def close_round(self) -> None:

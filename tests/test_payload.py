@@ -318,3 +318,92 @@ def test_encode_refuses_inconsistent_input():
         encode_payload(weights, meta(), {**masks, key: masks[key].int()})
     with pytest.raises(ValueError):
         encode_payload({key: weights[key].to(torch.int8)}, meta())
+
+
+@pytest.mark.parametrize(
+    ("claim", "reason"),
+    [
+        ({"round": 1}, "stale-round"),  # yesterday's payload replayed
+        ({"role": "global"}, "role"),
+        ({"sparsity": 0.6}, "settings"),
+        ({"pattern": "2:4"}, "settings"),
+        ({"pruner": "magnitude"}, "settings"),
+    ],
+)
+def test_rejects_payload_that_answers_another_job(claim, reason):
+    weights, masks, model = layer_tensors([1])
+    blob = encode_payload(weights, meta(**claim), masks)
+    job = dict(round=2, sparsity=0.5, pattern="", pruner="sparsegpt", role="update")
+    assert reason_of(blob, Expected(model, layers={1}, **job)) == reason
+    decode_payload(encode_payload(weights, meta(), masks), Expected(model, layers={1}, **job))
+
+
+def _mutations(blob: bytes) -> st.SearchStrategy[bytes]:
+    """Byte flips, truncations, insertions, and edits of the header's shapes, dtypes, offsets
+    and metadata (the header is parsed and re-serialised, so edits stay well-formed JSON)."""
+    import json
+
+    size = int.from_bytes(blob[:8], "little")
+    header, data = json.loads(blob[8 : 8 + size]), blob[8 + size :]
+    names = sorted(k for k in header if k != "__metadata__")
+
+    def rebuilt(edit) -> bytes:
+        h = json.loads(json.dumps(header))
+        edit(h)
+        raw = json.dumps(h).encode()
+        return len(raw).to_bytes(8, "little") + raw + data
+
+    def set_field(name, field, value):
+        return rebuilt(lambda h: h[name].__setitem__(field, value))
+
+    def set_meta(key, value):
+        return rebuilt(lambda h: h["__metadata__"].__setitem__(key, value))
+
+    def flip(pairs):
+        out = bytearray(blob)
+        for i, v in pairs:
+            out[i % len(out)] = v
+        return bytes(out)
+
+    big = st.integers(-1, 2**40)
+    return st.one_of(
+        st.lists(st.tuples(st.integers(0, len(blob)), st.integers(0, 255)), max_size=8).map(flip),
+        st.integers(0, len(blob)).map(lambda n: blob[:n]),
+        st.tuples(st.integers(0, len(blob)), st.binary(max_size=16)).map(
+            lambda t: blob[: t[0]] + t[1] + blob[t[0] :]
+        ),
+        st.builds(set_field, st.sampled_from(names), st.just("shape"), st.lists(big, max_size=3)),
+        st.builds(
+            set_field,
+            st.sampled_from(names),
+            st.just("dtype"),
+            st.sampled_from(["F16", "BF16", "F32", "F64", "U8", "I64", "BOOL", "??"]),
+        ),
+        st.builds(set_field, st.sampled_from(names), st.just("data_offsets"), st.lists(big)),
+        st.builds(
+            set_meta,
+            st.sampled_from(sorted(header["__metadata__"])),
+            st.sampled_from(["", "-1", "1e309", "nan", "[1, 2]", "2:4", "update", "x" * 999]),
+        ),
+    )
+
+
+_FUZZ_WEIGHTS, _FUZZ_MASKS, _FUZZ_MODEL = layer_tensors([1])
+_FUZZ_BLOB = encode_payload(_FUZZ_WEIGHTS, meta(), _FUZZ_MASKS)
+
+
+@settings(max_examples=int(__import__("os").environ.get("FUZZ_EXAMPLES", "300")), deadline=2000)
+@given(_mutations(_FUZZ_BLOB))
+def test_fuzzed_payloads_raise_only_payload_errors(blob):
+    """Nothing but PayloadError escapes the decoder, in memory or from the server's store, in
+    bounded time (hypothesis' deadline), whether or not the receiver states what it expects."""
+    expected = Expected(_FUZZ_MODEL, layers={1}, dtype=torch.float16, sparsity=0.5, round=2)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "payload.safetensors"
+        path.write_bytes(blob)
+        for exp in (None, expected):
+            for decode, source in ((decode_payload, blob), (StoredPayload, path)):
+                try:
+                    decode(source, exp)
+                except PayloadError:
+                    pass

@@ -83,12 +83,19 @@ def honest_node(
     return behave
 
 
-def failing_after_query(node: Behaviour, failure: str) -> Behaviour:
+def failing_after_query(node: Behaviour, failure: str, worker=None, data=None) -> Behaviour:
     """Answers the resource query, then fails its training job in the given way."""
 
     def behave(msg: Message) -> Message | None:
         if msg.metadata.message_type == MessageType.QUERY:
             return node(msg)
+        if failure in ("replay", "misdirected"):  # a well-formed payload for another job
+            job, down = protocol.read_job(msg)
+            if failure == "replay":
+                job.round -= 1
+            else:
+                job.sparsity, job.pattern = 0.75, "1:4"
+            return protocol.payload_reply(msg, *worker.run(job, data, down))
         if failure == "dropout":
             return None
         if failure == "error":
@@ -173,13 +180,15 @@ def test_simulated_nodes_are_sampled_by_partition_not_by_random_node_id(setup: d
     assert all(torch.equal(weights[k], weights_again[k]) for k in weights)
 
 
-@pytest.mark.parametrize("failure", ["dropout", "error", "vanished", "garbage"])
+@pytest.mark.parametrize(
+    "failure", ["dropout", "error", "vanished", "garbage", "replay", "misdirected"]
+)
 def test_failed_node_layers_are_reassigned(setup: dict, failure: str) -> None:
     w, d = setup["worker"], setup["data"]
     nodes = {
         1: honest_node(w, d, 2),
         2: honest_node(w, d, 2),
-        3: failing_after_query(honest_node(w, d, 2), failure),
+        3: failing_after_query(honest_node(w, d, 2), failure, w, d),
     }
     run = run_strategy(setup, nodes)
     first, second = run.state.rounds[0], run.state.rounds[1]
@@ -191,6 +200,7 @@ def test_failed_node_layers_are_reassigned(setup: dict, failure: str) -> None:
     assert set().union(*second.assignment.values()) >= lost
     assert not run.state.remaining
     reason = {"dropout": "no reply", "error": "CUDA out of memory", "vanished": "unavailable"}
+    reason |= {"replay": "stale-round", "misdirected": "settings"}
     assert reason.get(failure, "not-safetensors") in first.replies[3].reason
 
 
