@@ -27,15 +27,19 @@ options.backend.client-resources.num-gpus = $GPUS_PER_CLIENT
 TOML
 fi
 data="${FEDSPALLM_DATA:-$PWD/../shared/data}"
-had_superlink=$(pgrep -f "flower-superlink.*--simulation" >/dev/null && echo 1 || echo 0)
-stop_superlink() {  # the SuperLink and the simulation process it spawned
+# shellcheck source=scripts/procs.sh
+. scripts/procs.sh
+# `flwr run` starts a detached local SuperLink (logging under $FLWR_HOME) unless one is up:
+# stop it afterwards, with its simulation and Ray processes, but never one we did not start
+port="${FLWR_LOCAL_SUPERLINK_HTTP_API_PORT:-39091}"
+had_superlink=$(curl -s -o /dev/null --max-time 2 "http://127.0.0.1:$port/health" && echo 1 || echo 0)
+stop_superlink() {
   [ "$had_superlink" = 0 ] || return 0
-  for pid in $(pgrep -f "flower-superlink.*--simulation"); do
-    pkill -TERM -P "$pid" 2>/dev/null || true
-    kill "$pid" 2>/dev/null || true
-  done
+  # shellcheck disable=SC2046
+  stop_tree $(pids_using "$FLWR_HOME/local-superlink/")
 }
 trap stop_superlink EXIT
+trap 'exit 130' INT TERM
 # the local SuperLink installs nothing: this environment already holds every dependency
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="${FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION:-1}"
 log=$(mktemp)
