@@ -43,6 +43,9 @@ class PruneSpec:
     # "all": prune every layer up to the last uploaded one, so each sees pruned inputs
     scope: str = "assigned"
     true_sequential: bool = False
+    # dtype of the kept values on the wire (the pruning math stays in float32): the usual
+    # checkpoint dtype, half of float32's bytes; "" sends the model's own dtype
+    transport_dtype: str = "bfloat16"
 
     def target(self) -> Target:
         return Target.of(self.sparsity, self.pattern)
@@ -55,7 +58,7 @@ class RunConfig(PruneSpec):
     method: str = "fedspallm"
     model: str = "smollm2-135m"
     dtype: str = DEFAULT_DTYPE
-    num_server_rounds: int = 3
+    num_server_rounds: int = 4
     min_nodes: int = 4
     vote_scaling: bool = False
     calib_sources: tuple[str, ...] = ("wikitext2/wiki.valid.tokens", "ptb/ptb.valid.txt")
@@ -106,6 +109,7 @@ class RunConfig(PruneSpec):
             "pruner": (self.pruner, PRUNERS),
             "scope": (self.scope, SCOPES),
             "dtype": (self.dtype, DTYPES),
+            "transport-dtype": (self.transport_dtype or self.dtype, DTYPES),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:

@@ -20,6 +20,7 @@ from .driver import PruneConfig, prune_layers
 from .evaluate import perplexity, sparsity_report
 from .models import (
     DEFAULT_DTYPE,
+    DTYPES,
     layer_state,
     load_layer_state,
     load_model,
@@ -27,10 +28,13 @@ from .models import (
     prunable_shapes,
 )
 from .payload import Expected, PayloadMeta, StoredPayload, decode_payload, encode_payload
+from .sparsity import Target
 
 log = logging.getLogger(__name__)
 
-PHASES = ("prune",)  # what a job asks of a client; later rounds types add theirs here
+# what a job asks of a client: prune its layers to the target, or re-solve the kept values of
+# the masks the server merged (sent with the job) on its own data
+PHASES = ("prune", "refine")
 
 
 @dataclass
@@ -43,9 +47,11 @@ class Job(PruneSpec):
     union: bool = False  # calibrate on every partition (the centralized baseline)
 
     @classmethod
-    def plan(cls, cfg: RunConfig, round: int, layers: list[int], union: bool = False) -> Job:
+    def plan(
+        cls, cfg: RunConfig, round: int, layers: list[int], union: bool = False, phase="prune"
+    ) -> Job:
         shared = {f.name: getattr(cfg, f.name) for f in fields(PruneSpec)}
-        return cls(**shared, round=round, layers=sorted(layers), union=union)
+        return cls(**shared, round=round, layers=sorted(layers), union=union, phase=phase)
 
     def to_config(self) -> dict:
         return asdict(self)
@@ -144,27 +150,47 @@ class ClientWorker:
     def run(
         self, job: Job, data: ClientData, global_blob: bytes | None = None
     ) -> tuple[bytes, dict]:
-        """Prune the job's layers on private data; return the payload and metrics."""
+        """Run one job on private data; return the payload and metrics.
+
+        ``prune``: the job's layers are pruned to the target on top of the base model and the
+        aggregated layers sent down (``scope="all"`` prunes the others below them too).
+        ``refine``: the server sent the merged model; the job's layers start again from their
+        dense base weights and only the kept values of the merged masks are solved, on inputs
+        that flow through the merged layers below, as they will in the final model.
+        """
         start = time.perf_counter()
         load_layer_state(self.model, self.base)
-        fixed: set[int] = set()
-        if global_blob:
-            decoded = decode_payload(global_blob, Expected(shapes=self.shapes))
+        decoded = decode_payload(global_blob, Expected(shapes=self.shapes)) if global_blob else None
+        targets = None
+        if job.phase == "refine":
+            if decoded is None or not set(job.layers) <= set(decoded.meta.layers):
+                raise ValueError("a refine job needs the merged masks of its layers")
+            own = set(layer_state(self.model, job.layers))
+            masks = decoded.masks
+            load_layer_state(self.model, {k: w for k, w in decoded.weights.items() if k not in own})
+            targets = lambda key: Target.fixed(masks[key])  # noqa: E731 - one use, read inline
+        elif decoded is not None:
             load_layer_state(self.model, dict(decoded.weights))
-            fixed = set(decoded.meta.layers)
+        layers = set(job.layers)
+        if job.phase == "prune" and job.scope == "all" and layers:
+            layers |= set(range(max(layers) + 1)) - set(decoded.meta.layers if decoded else ())
         calib = data.calibration(self.tokenizer, job)
-        targets = set(job.layers)
-        if job.scope == "all" and targets:
-            targets |= set(range(max(targets) + 1)) - fixed
         report = prune_layers(
-            self.model, calib, sorted(targets), job.prune_config(), self.device, progress=False
+            self.model, calib, sorted(layers), job.prune_config(), self.device, False, targets
         )
-        masks = report.masks()
-        weights = layer_state(self.model, job.layers)
+        masks, energy = report.masks(), report.energy()
+        wire = DTYPES[job.transport_dtype] if job.transport_dtype else None
+        weights = {k: w.to(wire or w.dtype) for k, w in layer_state(self.model, job.layers).items()}
         meta = PayloadMeta(
-            job.round, sorted(job.layers), job.sparsity, job.pattern, job.pruner, report.tokens
+            job.round,
+            sorted(job.layers),
+            job.sparsity,
+            job.pattern,
+            job.pruner,
+            report.tokens,
+            phase=job.phase,
         )
-        blob = encode_payload(weights, meta, {k: masks[k] for k in weights})
+        blob = encode_payload(weights, meta, {k: masks[k] for k in weights}, energy)
         errors = [report.layers[i].rel_error for i in job.layers]
         metrics = {
             "tokens": report.tokens,
@@ -173,7 +199,7 @@ class ClientWorker:
             "payload-bytes": len(blob),
             "rel-error": sum(errors) / len(errors) if errors else 0.0,
             "layers": len(job.layers),
-            "layers-pruned": len(targets),
+            "layers-pruned": len(layers),
         }
         return blob, metrics
 
@@ -205,10 +231,15 @@ class GlobalModel:
         shapes = self.layer_shapes[0].values()
         return self.dense_bytes([0]) + sum(4 * b * b for _, b in set(shapes))
 
-    def encode(self, layers: list[int], round: int, sparsity: float, pattern: str) -> bytes:
-        """Aggregated layers as a sparse payload (sent down to clients; the run's sparse copy)."""
+    def encode(
+        self, layers: list[int], round: int, sparsity: float, pattern: str, dtype: str = ""
+    ) -> bytes:
+        """Aggregated layers as a sparse payload (sent down to clients, in the transport
+        ``dtype``; the run's sparse copy, in the model's)."""
         meta = PayloadMeta(round, sorted(layers), sparsity, pattern, role="global")
-        return encode_payload(layer_state(self.model, layers), meta)
+        wire = DTYPES[dtype] if dtype else self.dtype
+        weights = {k: w.to(wire) for k, w in layer_state(self.model, layers).items()}
+        return encode_payload(weights, meta)
 
     @torch.no_grad()
     def write(self, key: str, weight: torch.Tensor) -> None:

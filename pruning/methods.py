@@ -31,24 +31,50 @@ def one_node(budgets: Mapping[str, int], layers: Sequence[int], seed: int, rnd: 
 
 
 @dataclass(frozen=True)
-class Method:
-    """A federated method: its layer plan, its merge (a key of ``pruning.aggregate.MERGES``;
-    ``None``: each node's layers stand alone and are evaluated per node), whether its node
-    calibrates on every partition (``union``), and its merge with vote scaling, if it has one."""
+class Phase:
+    """One pass over every layer: who prunes what (``plan``; ``None``: each layer by the nodes
+    whose payload for it was merged in the previous phase), the merge (a key of
+    ``pruning.aggregate.MERGES``; ``None``: no merge, each node's layers stand alone), and
+    whether nodes ``refine`` the merged masks of their layers (sent down with the job) rather
+    than prune them to the target."""
 
-    plan: Plan
+    plan: Plan | None
     merge: str | None
+    refine: bool = False
+
+    @property
+    def name(self) -> str:
+        """The jobs' phase (``pruning.federated.PHASES``)."""
+        return "refine" if self.refine else "prune"
+
+
+@dataclass(frozen=True)
+class Method:
+    """A federated method: its phases, whether its node calibrates on every partition
+    (``union``, the centralized baseline), and the first phase's merge with vote scaling, if it
+    has one."""
+
+    phases: tuple[Phase, ...]
     union: bool = False
     scaled_merge: str | None = None
 
-    def merge_for(self, vote_scaling: bool) -> str | None:
-        return self.scaled_merge if vote_scaling else self.merge
+    def merges(self, vote_scaling: bool) -> list[str | None]:
+        first = self.scaled_merge if vote_scaling else self.phases[0].merge
+        return [first, *(p.merge for p in self.phases[1:])]
+
+
+def _one(plan: Plan, merge: str | None, **kw) -> Method:
+    return Method((Phase(plan, merge),), **kw)
 
 
 METHODS: dict[str, Method] = {
-    "fedspallm": Method(sampled, "l0"),
-    "fedprllm": Method(everyone, "mask-vote", scaled_merge="mask-vote-scaled"),
-    "fedavg": Method(everyone, "fedavg"),
-    "local-only": Method(everyone, None),
-    "centralized": Method(one_node, "l0", union=True),
+    # default: activation-aware expansion, then the same clients re-solve the kept values of
+    # the merged mask on inputs from the merged model, merged per column by input energy
+    "fedspallm": Method((Phase(sampled, "l0-act"), Phase(None, "energy-mean", refine=True))),
+    # the algorithm as the paper describes it: l0 mean + count-then-magnitude expansion
+    "fedspallm-paper": _one(sampled, "l0"),
+    "fedprllm": _one(everyone, "mask-vote", scaled_merge="mask-vote-scaled"),
+    "fedavg": _one(everyone, "fedavg"),
+    "local-only": _one(everyone, None),
+    "centralized": _one(one_node, "l0", union=True),
 }

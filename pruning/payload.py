@@ -34,6 +34,8 @@ FORMAT = "fedspallm-sparse-bitmask"
 FORMAT_VERSION = 2  # 2: explicit ``role`` (was ``pruner="global"``)
 ROLES = ("update", "global")  # a client's pruned layers; aggregated layers sent by the server
 _PARTS = {"shape": "shape", "bitmask": "bitmask", "values": "value-count"}  # -> reason if absent
+# optional: the client's per-input-column energy Σ x_j² (float32 [cols], see docs/design.md)
+_STATS = ("energy",)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
 
@@ -63,6 +65,7 @@ class PayloadMeta:
     pruner: str = ""  # e.g. "sparsegpt"; "" for aggregated layers
     calib_tokens: int = 0
     role: str = "update"  # one of ROLES
+    phase: str = "prune"  # the job's phase: "prune" (own mask) or "refine" (server's mask)
 
     def to_strings(self) -> dict[str, str]:
         """safetensors metadata must be ``str -> str``."""
@@ -89,6 +92,7 @@ class PayloadMeta:
                 pruner=meta["pruner"],
                 calib_tokens=int(meta["calib_tokens"]),
                 role=meta["role"],
+                phase=meta["phase"],
             )
             parse_pattern(out.pattern)
         except KeyError as err:
@@ -102,6 +106,10 @@ class PayloadMeta:
         return out
 
 
+# what a merge reads of one client's tensor: weight (zero where pruned), keep mask, column energy
+Update = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+
+
 @dataclass(frozen=True)
 class SparseTensor:
     """One matrix in bitmask form; :meth:`unpack` materialises it only when asked."""
@@ -109,9 +117,12 @@ class SparseTensor:
     shape: tuple[int, ...]
     bitmask: torch.Tensor
     values: torch.Tensor
+    energy: torch.Tensor | None = None  # per-input-column Σ x² of the sender's calibration
 
     @classmethod
-    def pack(cls, weight: torch.Tensor, mask: torch.Tensor) -> SparseTensor:
+    def pack(
+        cls, weight: torch.Tensor, mask: torch.Tensor, energy: torch.Tensor | None = None
+    ) -> SparseTensor:
         """Bitmask and kept values of ``weight`` under its keep ``mask``."""
         if weight.dim() == 0 or mask.shape != weight.shape or mask.dtype != torch.bool:
             raise ValueError(f"need a bool mask of shape {tuple(weight.shape)} for a >=1-d weight")
@@ -122,13 +133,21 @@ class SparseTensor:
         # numpy's boolean indexing streams (torch's masked_select builds an int64 prefix sum);
         # viewing as a same-width int also covers bfloat16, which numpy lacks
         raw = as_int(weight.detach().cpu().contiguous()).numpy()[keep]
+        if energy is not None:
+            energy = energy.detach().cpu().to(torch.float32).contiguous()
         return cls(
-            tuple(weight.shape), torch.from_numpy(bits), torch.from_numpy(raw).view(weight.dtype)
+            tuple(weight.shape),
+            torch.from_numpy(bits),
+            torch.from_numpy(raw).view(weight.dtype),
+            energy,
         )
 
     def mask(self) -> torch.Tensor:
         bits = np.unpackbits(self.bitmask.numpy(), axis=-1, count=self.shape[-1], bitorder="little")
         return torch.from_numpy(bits).view(torch.bool).reshape(self.shape)
+
+    def update(self) -> Update:
+        return (*self.unpack(), self.energy)
 
     def unpack(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense weight (zero where pruned) and its keep mask."""
@@ -174,9 +193,9 @@ class Decoded:
     def keys(self) -> list[str]:
         return list(self.sparse)
 
-    def update(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(weight, mask)`` of one key, unpacking the bitmask once (aggregation's input)."""
-        return self.sparse[key].unpack()
+    def update(self, key: str) -> Update:
+        """``(weight, mask, energy)`` of one key, unpacking the bitmask once (a merge's input)."""
+        return self.sparse[key].update()
 
 
 @dataclass(frozen=True)
@@ -194,6 +213,7 @@ class Expected:
     pattern: str | None = None
     pruner: str | None = None
     role: str | None = None
+    phase: str | None = None
 
     def check_meta(self, meta: PayloadMeta) -> PayloadMeta:
         """The payload must answer this job: same round, role and pruning settings."""
@@ -203,6 +223,8 @@ class Expected:
             )
         if self.role is not None and meta.role != self.role:
             raise PayloadError("role", f"a {meta.role!r} payload, expected {self.role!r}")
+        if self.phase is not None and meta.phase != self.phase:
+            raise PayloadError("phase", f"a {meta.phase!r} payload, expected {self.phase!r}")
         claimed = (meta.sparsity, meta.pattern, meta.pruner)
         wanted = (self.sparsity, self.pattern, self.pruner)
         for name, got, want in zip(("sparsity", "pattern", "pruner"), claimed, wanted, strict=True):
@@ -215,14 +237,19 @@ def encode_payload(
     weights: Mapping[str, torch.Tensor],
     meta: PayloadMeta,
     masks: Mapping[str, torch.Tensor] | None = None,
+    energy: Mapping[str, torch.Tensor] | None = None,
 ) -> bytes:
-    """Pack pruned weights (mask defaults to ``weight != 0``) into safetensors bytes."""
+    """Pack pruned weights (mask defaults to ``weight != 0``), and optionally each weight's
+    per-input-column energy, into safetensors bytes."""
     tensors = {}
     for key, weight in weights.items():
-        sparse = SparseTensor.pack(weight, weight != 0 if masks is None else masks[key])
+        mask = weight != 0 if masks is None else masks[key]
+        sparse = SparseTensor.pack(weight, mask, energy.get(key) if energy else None)
         tensors[f"{key}.shape"] = torch.tensor(sparse.shape, dtype=torch.int64)
         tensors[f"{key}.bitmask"] = sparse.bitmask
         tensors[f"{key}.values"] = sparse.values
+        if sparse.energy is not None:
+            tensors[f"{key}.energy"] = sparse.energy
     return safetensors.torch.save(tensors, metadata=meta.to_strings())
 
 
@@ -270,12 +297,16 @@ class StoredPayload:
 
     def sparse(self, key: str) -> SparseTensor:
         with self._open() as f:
-            parts = {p: f.get_tensor(f"{key}.{p}") for p in _PARTS}
-        return SparseTensor(tuple(parts["shape"].tolist()), parts["bitmask"], parts["values"])
+            names = set(f.keys())
+            parts = {
+                p: f.get_tensor(f"{key}.{p}") for p in (*_PARTS, *_STATS) if f"{key}.{p}" in names
+            }
+        shape = tuple(parts["shape"].tolist())
+        return SparseTensor(shape, parts["bitmask"], parts["values"], parts.get("energy"))
 
-    def update(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(weight, mask)`` of one key (an aggregation source)."""
-        return self.sparse(key).unpack()
+    def update(self, key: str) -> Update:
+        """``(weight, mask, energy)`` of one key, read from the file (a merge's source)."""
+        return self.sparse(key).update()
 
 
 def _meta(header: dict, expected: Expected | None) -> PayloadMeta:
@@ -298,10 +329,9 @@ def _checked_groups(
     groups: dict[str, list[str]] = {}
     for name in names:
         key, _, part = name.rpartition(".")
-        if part not in _PARTS:
-            raise PayloadError(
-                "unknown-tensor", f"{name!r} is not one of {key}.{{{','.join(_PARTS)}}}"
-            )
+        if part not in _PARTS and part not in _STATS:
+            allowed = ",".join((*_PARTS, *_STATS))
+            raise PayloadError("unknown-tensor", f"{name!r} is not one of {key}.{{{allowed}}}")
         groups.setdefault(key, []).append(part)
     if expected is not None:
         _check_assignment(set(groups), meta, expected)
@@ -391,7 +421,17 @@ def _check_tensor(
             raise PayloadError(
                 "density", f"{key}: keeps {kept / (rows * cols):.3f} of weights, limit {limit:.3f}"
             )
-    return SparseTensor(shape, bits, values)
+    energy = parts.get("energy")
+    if energy is not None:
+        if energy.dtype != torch.float32 or tuple(energy.shape) != (cols,):
+            raise PayloadError(
+                "statistics",
+                f"{key}: energy must be float32 ({cols},), got {energy.dtype} "
+                f"{tuple(energy.shape)}",
+            )
+        if not bool(torch.isfinite(energy).all()) or bool((energy < 0).any()):
+            raise PayloadError("statistics", f"{key}: energy must be finite and >= 0")
+    return SparseTensor(shape, bits, values, energy)
 
 
 def _check_assignment(keys: set[str], meta: PayloadMeta, expected: Expected) -> None:

@@ -25,9 +25,10 @@ from .aggregate import merge_tensor
 from .config import RunConfig
 from .federated import GlobalModel, Job
 from .methods import METHODS
+from .models import DTYPES
 from .payload import Expected, PayloadError, StoredPayload
 from .report import bytes_totals
-from .sampling import budget_from_resources
+from .sampling import Assignment, assign_layers, budget_from_resources
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,10 @@ class RunState:
     """Everything the server knows between rounds; ``to_dict`` is what ``state.json`` holds."""
 
     num_layers: int
-    remaining: list[int]
-    done: list[int] = field(default_factory=list)
+    remaining: list[int]  # layers still to do in the current phase
+    done: list[int] = field(default_factory=list)  # layers merged at least once
+    phase: int = 0  # index into the method's phases
+    holders: dict[int, list[int]] = field(default_factory=dict)  # layer -> nodes last merged
     budgets: dict[int, int] = field(default_factory=dict)  # nodes still taking work
     reported: dict[int, int] = field(default_factory=dict)  # budgets as first reported
     resources: dict[int, dict] = field(default_factory=dict)
@@ -74,7 +77,7 @@ class RunState:
             return {str(k): v for k, v in d.items()}
 
         out = asdict(self)
-        for name in ("budgets", "reported", "resources"):
+        for name in ("budgets", "reported", "resources", "holders"):
             out[name] = keyed(out[name])
         for rnd in out["rounds"]:
             rnd["assignment"], rnd["replies"] = keyed(rnd["assignment"]), keyed(rnd["replies"])
@@ -97,6 +100,8 @@ class RunState:
             data["num_layers"],
             data["remaining"],
             data["done"],
+            data["phase"],
+            keyed(data["holders"]),
             keyed(data["budgets"]),
             keyed(data["reported"]),
             keyed(data["resources"]),
@@ -153,6 +158,25 @@ class PayloadStore:
         shutil.rmtree(self.root / f"round-{rnd}", ignore_errors=True)
 
 
+def _holders_plan(
+    state: RunState, keys: dict[int, str], budgets: dict[str, int], seed: int, rnd: int
+) -> Assignment:
+    """Each remaining layer to the nodes (still taking work) whose payload for it was merged in
+    the previous phase; a layer none of them can take is sampled among the others."""
+    per_node: dict[str, list[int]] = {}
+    orphans = []
+    for layer in state.remaining:
+        alive = [keys[n] for n in state.holders.get(layer, []) if n in keys]
+        for key in alive:
+            per_node.setdefault(key, []).append(layer)
+        if not alive:
+            orphans.append(layer)
+    extra = assign_layers(budgets, orphans, seed, rnd) if orphans else Assignment({}, [])
+    for key, layers in extra.per_client.items():
+        per_node[key] = sorted(set(per_node.get(key, [])) | set(layers))
+    return Assignment(per_node, extra.uncovered)
+
+
 def screen(payloads: dict[int, StoredPayload]) -> dict[int, str]:
     """Verdict per client before the merge; every checked payload is accepted for now (the
     place where robust screening of well-formed but wrong payloads plugs in)."""
@@ -165,7 +189,7 @@ class FederatedRun:
     def __init__(self, cfg: RunConfig, model: GlobalModel, out: Path) -> None:
         self.cfg, self.model, self.out = cfg, model, out
         self.method = METHODS[cfg.method]
-        self.merge = self.method.merge_for(cfg.vote_scaling)
+        self.merges = self.method.merges(cfg.vote_scaling)
         self.state = RunState(model.num_layers, list(range(model.num_layers)))
         self.store = PayloadStore(out / "spool")
         self.jobs: dict[int, Job] = {}  # the open round's jobs, by node
@@ -190,9 +214,17 @@ class FederatedRun:
 
     # -- rounds ----------------------------------------------------------------------------
 
+    @property
+    def merge(self) -> str | None:
+        return self.merges[self.state.phase]
+
     def start_round(self) -> list[Task] | None:
-        """Plan the next round; ``None`` when every layer is pruned or the rounds ran out."""
-        rnd = len(self.state.rounds) + 1
+        """Plan the next round; ``None`` when every phase covered every layer or the rounds ran
+        out (they count over all phases)."""
+        rnd, state = len(self.state.rounds) + 1, self.state
+        if not state.remaining and state.phase + 1 < len(self.method.phases):
+            state.phase += 1
+            state.remaining = list(range(state.num_layers))
         if not self.state.remaining or rnd > self.cfg.num_server_rounds:
             if self.state.remaining:
                 log.warning("rounds exhausted with layers %s still unpruned", self.state.remaining)
@@ -202,21 +234,34 @@ class FederatedRun:
         keys = self.state.sampling_keys()
         node_of = {key: n for n, key in keys.items()}
         budgets = {keys[n]: b for n, b in self.state.budgets.items()}
-        plan = self.method.plan(budgets, self.state.remaining, self.cfg.seed, rnd)
+        phase = self.method.phases[state.phase]
+        if phase.plan is None:  # each layer by the nodes whose payload was merged last phase
+            plan = _holders_plan(state, keys, budgets, self.cfg.seed, rnd)
+        else:
+            plan = phase.plan(budgets, state.remaining, self.cfg.seed, rnd)
         assignment = {node_of[k]: layers for k, layers in plan.per_client.items()}
-        log.info("round %d: assignment %s, carried over %s", rnd, assignment, plan.uncovered)
-        current = RoundLog(rnd, "prune", assignment, plan.uncovered)
+        log.info(
+            "round %d (%s): assignment %s, carried over %s",
+            rnd,
+            phase.name,
+            assignment,
+            plan.uncovered,
+        )
+        current = RoundLog(rnd, phase.name, assignment, plan.uncovered)
         self.state.rounds.append(current)
         tasks = []
         for node, layers in assignment.items():
-            below = [i for i in sorted(self.state.done) if i < max(layers)]
+            # the merged layers the job builds on (a refine job also needs its own layers' masks)
+            below = [i for i in sorted(state.done) if i < max(layers) + phase.refine]
+            cfg = self.cfg
             down = (
-                self.model.encode(below, rnd, self.cfg.sparsity, self.cfg.pattern)
+                self.model.encode(below, rnd, cfg.sparsity, cfg.pattern, cfg.transport_dtype)
                 if below
                 else None
             )
             current.replies[node] = Reply(bytes_down=len(down) if down else 0)
-            tasks.append(Task(node, Job.plan(self.cfg, rnd, layers, self.method.union), down))
+            job = Job.plan(self.cfg, rnd, layers, self.method.union, phase.name)
+            tasks.append(Task(node, job, down))
         self.jobs = {t.node: t.job for t in tasks}
         self.payloads, self.round_started = {}, time.perf_counter()
         return tasks
@@ -257,13 +302,14 @@ class FederatedRun:
         return Expected(
             self.model.shapes,
             set(layers),
-            self.model.dtype,
+            DTYPES[job.transport_dtype] if job.transport_dtype else self.model.dtype,
             job.sparsity,
             max_bytes=max_bytes,
             round=job.round,
             pattern=job.pattern,
             pruner=job.pruner,
             role="update",
+            phase=job.phase,
         )
 
     def close_round(self) -> None:
@@ -285,8 +331,9 @@ class FederatedRun:
         else:
             covered = {i for n in valid for i in current.assignment[n]}
             for layer in sorted(covered):
-                holders = [self.payloads[n] for n in valid if layer in current.assignment[n]]
-                self._merge_layer(layer, holders)
+                nodes = [n for n in valid if layer in current.assignment[n]]
+                self._merge_layer(layer, [self.payloads[n] for n in nodes])
+                self.state.holders[layer] = nodes
             self.store.drop(current.round)
         current.aggregated = sorted(covered)
         self.state.done = sorted(set(self.state.done) | covered)

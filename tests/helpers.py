@@ -93,33 +93,39 @@ def make_tiny_model(family: str, path: Path, seed: int = 0) -> Path:
     return path
 
 
-def reference_run(cfg, worker, data, budgets: list[int]) -> dict:
-    """What each simulated partition uploads in round 1 of ``cfg``'s method, computed directly
-    from the engine: ``{partition: Decoded payload}`` (``data(p)`` gives a partition's data)."""
-    from pruning.federated import Job
-    from pruning.payload import decode_payload
+def reference_plan(cfg, num_layers: int, budgets: list[int]) -> dict[int, list[int]]:
+    """Which simulated partition prunes which layers in round 1 of ``cfg``'s method."""
     from pruning.sampling import assign_layers
 
-    layers = list(range(worker.num_layers))
-    if cfg.method == "fedspallm":
+    layers = list(range(num_layers))
+    if cfg.method.startswith("fedspallm"):
         plan = assign_layers({str(p): b for p, b in enumerate(budgets)}, layers, cfg.seed, 1)
-        held = {int(p): v for p, v in plan.per_client.items()}
-    else:
-        held = {p: layers for p in range(1 if cfg.method == "centralized" else len(budgets))}
-    union = cfg.method == "centralized"
+        return {int(p): v for p, v in sorted(plan.per_client.items())}
+    return {p: layers for p in range(1 if cfg.method == "centralized" else len(budgets))}
+
+
+def reference_run(cfg, worker, data, held: dict, rnd: int = 1, down=None) -> dict:
+    """What each partition uploads for its ``held`` layers, computed directly from the engine:
+    ``{partition: Decoded payload}`` (``data(p)`` gives a partition's data; ``down(p)`` the
+    merged layers sent to it, for a refine round)."""
+    from pruning.federated import Job
+    from pruning.payload import decode_payload
+
+    union, phase = cfg.method == "centralized", "refine" if down else "prune"
     return {
-        p: decode_payload(worker.run(Job.plan(cfg, 1, v, union), data(p), None)[0])
+        p: decode_payload(
+            worker.run(Job.plan(cfg, rnd, v, union, phase), data(p), down(p) if down else None)[0]
+        )
         for p, v in sorted(held.items())
     }
 
 
-def reference_weights(cfg, payloads: dict) -> dict[str, torch.Tensor]:
+def reference_weights(cfg, payloads: dict, merge: str, base=None) -> dict[str, torch.Tensor]:
     """Each pruned tensor merged over the partitions that uploaded it, in partition order."""
     from pruning.aggregate import merge_tensor
     from pruning.federated import GlobalModel
 
-    base = GlobalModel(cfg.model, cfg.dtype)
-    merge = {"fedprllm": "mask-vote", "fedavg": "fedavg"}.get(cfg.method, "l0")
+    base = base or GlobalModel(cfg.model, cfg.dtype)
     out = {}
     for key in base.shapes:
         holders = [p for p in payloads.values() if key in p.sparse]
@@ -127,3 +133,28 @@ def reference_weights(cfg, payloads: dict) -> dict[str, torch.Tensor]:
         sources = [(lambda h=h, k=key: h.update(k)) for h in holders]
         out[key], _ = merge_tensor(merge, sources, cfg.target(), dense=lambda d=dense: d)
     return out
+
+
+def reference_output(cfg, worker, data, budgets: list[int]) -> dict[str, torch.Tensor]:
+    """The merged model of ``cfg``'s method, composed from client jobs and merges without the
+    server: one round, or for the default fedspallm a prune round (activation-aware l0) and a
+    refine round of the same partitions on the merged model (energy-weighted mean)."""
+    from pruning.federated import GlobalModel
+
+    held = reference_plan(cfg, worker.num_layers, budgets)
+    merge = {"fedprllm": "mask-vote", "fedavg": "fedavg", "fedspallm": "l0-act"}
+    first = reference_weights(
+        cfg, reference_run(cfg, worker, data, held), merge.get(cfg.method, "l0")
+    )
+    if cfg.method != "fedspallm":
+        return first
+    base = GlobalModel(cfg.model, cfg.dtype)
+    for key, weight in first.items():
+        base.write(key, weight)
+
+    def down(p: int) -> bytes:
+        below = list(range(max(held[p]) + 1))
+        return base.encode(below, 2, cfg.sparsity, cfg.pattern)
+
+    refined = reference_run(cfg, worker, data, held, 2, down)
+    return reference_weights(cfg, refined, "energy-mean", base)

@@ -191,7 +191,7 @@ def test_fedspallm_run_survives_a_dead_supernode(
     out_dir = tmp_path / "out"
     run_config = (
         f"model='{tiny_llama_dir}' data-dir='{data_dir}' out-dir='{out_dir}' "
-        "min-nodes=3 num-server-rounds=3 nsamples=4 seqlen=64 "
+        "min-nodes=3 num-server-rounds=4 nsamples=4 seqlen=64 "
         "eval-data='wikitext2/wiki.test.raw' eval-max-windows=2 eval-dense=false "
         "round-timeout=150.0 node-wait-timeout=60.0"
     )

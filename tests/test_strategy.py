@@ -13,7 +13,7 @@ import torch
 from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
-from helpers import reference_run, reference_weights
+from helpers import reference_output, reference_plan, reference_run
 
 from pruning.config import ConfigError, RunConfig
 from pruning.federated import ClientData, ClientWorker, GlobalModel
@@ -125,7 +125,9 @@ def setup(tiny_llama_dir: Path, data_dir: Path, tmp_path_factory) -> dict:
 
 
 def config(setup: dict, nodes: int, **overrides) -> RunConfig:
+    # one phase by default, so the round mechanics are seen alone; presets are tested below
     values = {"model": setup["model"], "min_nodes": nodes, "nsamples": 4, "seqlen": 32}
+    values |= {"method": "fedspallm-paper"}
     values |= {"num_server_rounds": 4, "round_timeout": 0.5, "data_dir": str(setup["root"])}
     return RunConfig(**(values | overrides)).checked()
 
@@ -229,6 +231,8 @@ def test_same_seed_same_masks(setup: dict) -> None:
 PRESETS = [
     ("fedspallm", ""),
     ("fedspallm", "2:4"),
+    ("fedspallm-paper", ""),
+    ("fedspallm-paper", "2:4"),
     ("fedprllm", ""),
     ("fedavg", ""),
     ("local-only", ""),
@@ -255,16 +259,41 @@ def test_each_preset_equals_a_reference_built_from_the_engine(
     run = run_strategy(setup, nodes, method=method, pattern=pattern)
     cfg = run.cfg
 
-    reference = reference_run(cfg, w, data, budgets)
     if method == "local-only":
+        held = reference_plan(cfg, w.num_layers, budgets)
         assert sorted(run.local) == sorted(ids)
-        for p, payload in reference.items():
+        for p, payload in reference_run(cfg, w, data, held).items():
             stored = run.local[ids[p]]
             for key in payload.sparse:
                 assert torch.equal(stored.update(key)[0], payload.update(key)[0]), key
         return
-    expected = reference_weights(cfg, reference)
+    expected = reference_output(cfg, w, data, budgets)
     assert all(torch.equal(w, expected[k]) for k, w in pruned_weights(run).items())
+    phases = [r.phase for r in run.state.rounds]
+    assert phases == (["prune", "refine"] if method == "fedspallm" else ["prune"])
+
+
+def test_a_node_that_fails_in_the_refine_phase_leaves_its_layers_to_the_others(setup: dict):
+    w, d = setup["worker"], setup["data"]
+    flaky = honest_node(w, d, 4)
+
+    def fails_to_refine(msg: Message) -> Message | None:
+        if (
+            msg.metadata.message_type == MessageType.TRAIN
+            and protocol.read_job(msg)[0].phase == "refine"
+        ):
+            return protocol.error_reply(msg, "killed")
+        return flaky(msg)
+
+    nodes = {1: honest_node(w, d, 2), 2: fails_to_refine}
+    run = run_strategy(setup, nodes, method="fedspallm")
+    prune, refine, retry = run.state.rounds
+    assert (prune.phase, refine.phase, retry.phase) == ("prune", "refine", "refine")
+    assert set(refine.assignment[2]) == set(range(4)) and not refine.replies[2].ok
+    assert retry.assignment == {1: [i for i in range(4) if i not in refine.aggregated]}
+    assert not run.state.remaining and all(r.ok for r in retry.replies.values())
+    for key, (rows, cols) in run.model.shapes.items():
+        assert abs(int((run.model.params[key] == 0).sum()) - rows * cols // 2) <= 1
 
 
 def test_run_config_is_checked_once_with_named_keys() -> None:
