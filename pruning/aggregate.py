@@ -28,8 +28,7 @@ from pruning.sparsity import (
 
 _BLOCK = 1 << 20  # elements per block: 4-8 MB temporaries whatever the matrix size
 
-# (weight, bool keep mask[, per-input-column energy]) of one client
-Update = tuple[torch.Tensor, ...]
+Update = tuple[torch.Tensor, torch.Tensor]  # (weight, bool keep mask) of one client
 Source = Callable[[], Update]  # reads one client's update (again) on every call
 Dense = Callable[[], torch.Tensor]  # reads the base model's weight
 
@@ -44,8 +43,7 @@ def _accumulate(
     """Fold clients into (float32 sum of kept values, keep count, clients, weight dtype)."""
     total = count = None
     n = 0
-    for update in updates:
-        weight, mask = update[0], update[1]
+    for weight, mask in updates:
         if count is None:
             shape, dtype = weight.shape, weight.dtype
             count = torch.zeros(shape, dtype=torch.uint8)
@@ -63,7 +61,7 @@ def _accumulate(
             if total is not None:  # where(): a weight outside its own mask never counts
                 total.view(-1)[blk] += torch.where(flat_m[blk], flat_w[blk], 0)
         # drop this client before the caller's generator decodes the next one
-        del update, weight, mask, flat_w, flat_m
+        del weight, mask, flat_w, flat_m
     if count is None:
         raise ValueError("no client updates to aggregate")
     return total, count, n, dtype
@@ -94,13 +92,11 @@ def expand_mask(
     sparsity: float,
     pattern: Pattern | None = None,
     per_row: bool = False,
-    rank: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune the union of client masks back to exactly ``sparsity``; zero ``weight`` IN PLACE.
 
     The union is denser than any client's mask. Positions are pruned in the order: fewer clients
-    kept it (= more pruned it) first, then smaller ``|weight|`` (as stored) or smaller ``rank``
-    (a non-negative score of the same shape, e.g. an activation-aware saliency), then by position
+    kept it (= more pruned it) first, then smaller ``|weight|`` (as stored), then by position
     (lower flat index first; within an N:M group the lower index is kept, as in ``keep_nm``).
     The ranking scope is the whole tensor, each row (``per_row``, with the row counts of
     ``keep_topk_per_row``) or each group of M (``pattern``, which keeps exactly N per group).
@@ -112,20 +108,17 @@ def expand_mask(
         raise ValueError(f"kept_count {tuple(kept_count.shape)} != weight {tuple(weight.shape)}")
     if int(kept_count.max()) > n_clients:
         raise ValueError(f"a position is kept by more than the {n_clients} clients")
-    order = weight if rank is None else rank
-    if order.shape != weight.shape:
-        raise ValueError(f"rank {tuple(order.shape)} != weight {tuple(weight.shape)}")
     if pattern is None and not per_row:
-        mask = _keep_global(order, kept_count, prune_count(weight.numel(), sparsity))
+        mask = _keep_global(weight, kept_count, prune_count(weight.numel(), sparsity))
     else:
         if weight.dim() != 2:
             raise ValueError("row-wise and N:M selection need a 2-d weight")
         rows, cols = weight.shape
         n_prune = prune_counts_per_row(rows, cols, sparsity)
-        shift = 8 * order.element_size()  # the magnitude bits below, the count above
+        shift = 8 * weight.element_size()  # the magnitude bits below, the count above
         mask = torch.empty(weight.shape, dtype=torch.bool)
         for blk in _blocks(rows, max(1, _BLOCK // cols)):
-            key = (kept_count[blk].long() << shift) | as_int(order[blk].abs()).long()
+            key = (kept_count[blk].long() << shift) | as_int(weight[blk].abs()).long()
             mask[blk] = keep_nm(key, pattern) if pattern else keep_per_row(key, n_prune[blk])
     weight.masked_fill_(~mask, 0)
     return weight, mask
@@ -173,63 +166,13 @@ def _keep_global(weight: torch.Tensor, count: torch.Tensor, n_prune: int) -> tor
     return keep
 
 
-Combined = tuple[torch.Tensor, torch.Tensor, int, "torch.Tensor | None"]  # weight, count, n, rank
+Combined = tuple[torch.Tensor, torch.Tensor, int]  # weight, per-position keep count, clients
 
 
 def _l0(sources: Sequence[Source], dense: Dense) -> Combined:
     total, count, n, dtype = _accumulate((read() for read in sources), with_sum=True)
     _divide_by_count(total, count)
-    return total.to(dtype), count, n, None
-
-
-def _l0_act(sources: Sequence[Source], dense: Dense) -> Combined:
-    """ℓ0 mean, ranked inside each keep-count level by ``w² · Σ_k E_k[col]``: the summed column
-    energies of the clients make the expansion activation-aware (Wanda's saliency on the union
-    of the clients' data) instead of magnitude-only."""
-    energy = _energy_sum(sources)
-    weight, count, n, _ = _l0(sources, dense)
-    rank = weight.float().pow(2).mul_(energy[None, :]) if weight.dim() == 2 else None
-    return weight, count, n, rank
-
-
-def _energy_mean(sources: Sequence[Source], dense: Dense) -> Combined:
-    """Per-column energy-weighted mean of the kept values: ``Σ_k E_k[j] w_k / Σ_k E_k[j]`` over
-    the clients that kept a weight. For clients that solved the same mask on their own data this
-    is the diagonal approximation of the Hessian-weighted average of their least-squares
-    solutions (what one solve on the pooled data would give)."""
-    total = weights = count = None
-    n = 0
-    for read in sources:
-        weight, mask, energy = read()
-        if energy is None:
-            raise ValueError(f"client {n}: the energy-weighted merge needs column energies")
-        if count is None:
-            dtype = weight.dtype
-            total = torch.zeros(weight.shape, dtype=torch.float32)
-            weights = torch.zeros(weight.shape, dtype=torch.float32)
-            count = torch.zeros(
-                weight.shape, dtype=torch.uint8 if len(sources) < 256 else torch.int32
-            )
-        if weight.shape != total.shape or mask.shape != total.shape:
-            raise ValueError(f"client {n}: weight/mask {tuple(weight.shape)} do not match")
-        e = energy.to(torch.float32)[None, :] * mask
-        total.addcmul_(e, weight.float())
-        weights.add_(e)
-        count += mask
-        n += 1
-    if count is None:
-        raise ValueError("no client updates to aggregate")
-    return (total / weights.clamp_(min=torch.finfo(torch.float32).tiny)).to(dtype), count, n, None
-
-
-def _energy_sum(sources: Sequence[Source]) -> torch.Tensor:
-    total = None
-    for read in sources:
-        energy = read()[2]
-        if energy is None:
-            raise ValueError("an activation-aware merge needs every client's column energy")
-        total = energy.to(torch.float32) if total is None else total + energy
-    return total
+    return total.to(dtype), count, n
 
 
 def _fedavg(sources: Sequence[Source], dense: Dense) -> Combined:
@@ -238,12 +181,12 @@ def _fedavg(sources: Sequence[Source], dense: Dense) -> Combined:
     weight = total.to(dtype)
     del total
     # rank by magnitude alone: zeros sort lowest either way (uint8: bool < int makes int64 copies)
-    return weight, (weight != 0).view(torch.uint8), 1, None
+    return weight, (weight != 0).view(torch.uint8), 1
 
 
 def _vote(sources: Sequence[Source], dense: Dense) -> Combined:
     _, count, n, _ = _accumulate((read() for read in sources), with_sum=False)
-    return dense().detach().clone(), count, n, None
+    return dense().detach().clone(), count, n
 
 
 @dataclass(frozen=True)
@@ -260,10 +203,6 @@ class Merge:
 MERGES = {
     # FedSpaLLM: mean over the clients that kept each weight
     "l0": Merge(_l0),
-    # the same, with activation-aware expansion (needs the clients' column energies)
-    "l0-act": Merge(_l0_act),
-    # clients that solved one shared mask: per-column energy-weighted mean (needs energies)
-    "energy-mean": Merge(_energy_mean),
     # plain mean (pruned entries count as 0), re-pruned by magnitude
     "fedavg": Merge(_fedavg),
     # FedPrLLM: the positions most clients kept, values from the dense model
@@ -295,8 +234,8 @@ def merge_tensor(
         raise ValueError(f"the {merge} merge takes its weights from the dense model; pass dense")
 
     rule = MERGES[merge]
-    weight, count, n, rank = rule.combine(sources, dense or no_dense)
-    weight, mask = expand_mask(weight, count, n, target.sparsity, target.pattern, per_row, rank)
+    weight, count, n = rule.combine(sources, dense or no_dense)
+    weight, mask = expand_mask(weight, count, n, target.sparsity, target.pattern, per_row)
     if rule.scale_by_votes:
         flat_w, flat_c = weight.view(-1), count.view(-1)
         for blk in _blocks(flat_w.numel(), _BLOCK):

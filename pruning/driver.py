@@ -46,8 +46,6 @@ class LayerReport:
     rel_error: float  # ‖Y_dense − Y_pruned‖ / ‖Y_dense‖ of the layer's output
     sparsity: dict[str, float] = field(default_factory=dict)  # linear name -> pruned fraction
     masks: dict[str, torch.Tensor] = field(default_factory=dict)  # state-dict key -> keep mask
-    # state-dict key -> per-input-column Σx² over the calibration tokens (see Pruner.column_energy)
-    energy: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -58,9 +56,6 @@ class PruneReport:
 
     def masks(self) -> dict[str, torch.Tensor]:
         return {k: m for r in self.layers.values() for k, m in r.masks.items()}
-
-    def energy(self) -> dict[str, torch.Tensor]:
-        return {k: e for r in self.layers.values() for k, e in r.energy.items()}
 
 
 class _Captured(Exception):
@@ -176,14 +171,12 @@ def _prune_group(layer, names, inps, kwargs, cfg, target_of, device, collect):
         finally:
             for h in handles:
                 h.remove()
-    masks, energy = {}, {}
+    masks = {}
     for n, m in modules.items():
         result = pruners[n].prune(m.weight.data, target_of(n))
         m.weight.data = result.weight
         masks[n] = result.mask.cpu()
-        if pruners[n].needs_inputs:
-            energy[n] = pruners[n].column_energy().cpu()
-    return masks, energy, outs
+    return masks, outs
 
 
 @torch.no_grad()
@@ -224,10 +217,10 @@ def prune_layers(
             layer.to(device)
             if i in chosen:
                 t0 = time.perf_counter()
-                masks, energy, dense = {}, {}, None
+                masks, dense = {}, None
                 prefix = adapter.prefix(i)
                 for names in linear_groups(layer, adapter, cfg.true_sequential):
-                    group_masks, group_energy, outs = _prune_group(
+                    group_masks, outs = _prune_group(
                         layer,
                         names,
                         inps,
@@ -238,7 +231,6 @@ def prune_layers(
                         collect=dense is None,
                     )
                     masks.update(group_masks)
-                    energy.update(group_energy)
                     dense = dense if dense is not None else outs
                 inps = _forward(layer, inps, kwargs)
                 num = sum(
@@ -251,7 +243,6 @@ def prune_layers(
                     rel_error=(num / den) ** 0.5 if den else 0.0,
                     sparsity={n: 1.0 - float(m.float().mean()) for n, m in masks.items()},
                     masks={f"{prefix}{n}.weight": m for n, m in masks.items()},
-                    energy={f"{prefix}{n}.weight": e for n, e in energy.items()},
                 )
                 bar(report.layers[i])
             else:

@@ -178,7 +178,7 @@ class ClientWorker:
         report = prune_layers(
             self.model, calib, sorted(layers), job.prune_config(), self.device, False, targets
         )
-        masks, energy = report.masks(), report.energy()
+        masks = report.masks()
         wire = DTYPES[job.transport_dtype] if job.transport_dtype else None
         weights = {k: w.to(wire or w.dtype) for k, w in layer_state(self.model, job.layers).items()}
         meta = PayloadMeta(
@@ -190,7 +190,7 @@ class ClientWorker:
             report.tokens,
             phase=job.phase,
         )
-        blob = encode_payload(weights, meta, {k: masks[k] for k in weights}, energy)
+        blob = encode_payload(weights, meta, {k: masks[k] for k in weights})
         errors = [report.layers[i].rel_error for i in job.layers]
         metrics = {
             "tokens": report.tokens,

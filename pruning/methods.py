@@ -68,9 +68,9 @@ def _one(plan: Plan, merge: str | None, **kw) -> Method:
 
 
 METHODS: dict[str, Method] = {
-    # default: activation-aware expansion, then the same clients re-solve the kept values of
-    # the merged mask on inputs from the merged model, merged per column by input energy
-    "fedspallm": Method((Phase(sampled, "l0-act"), Phase(None, "energy-mean", refine=True))),
+    # default: the paper's prune phase, then the same clients re-solve the kept values of the
+    # merged masks on inputs that flow through the merged model; the server averages them
+    "fedspallm": Method((Phase(sampled, "l0"), Phase(None, "l0", refine=True))),
     # the algorithm as the paper describes it: l0 mean + count-then-magnitude expansion
     "fedspallm-paper": _one(sampled, "l0"),
     "fedprllm": _one(everyone, "mask-vote", scaled_merge="mask-vote-scaled"),

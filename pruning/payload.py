@@ -34,8 +34,6 @@ FORMAT = "fedspallm-sparse-bitmask"
 FORMAT_VERSION = 2  # 2: explicit ``role`` (was ``pruner="global"``)
 ROLES = ("update", "global")  # a client's pruned layers; aggregated layers sent by the server
 _PARTS = {"shape": "shape", "bitmask": "bitmask", "values": "value-count"}  # -> reason if absent
-# optional: the client's per-input-column energy Σ x_j² (float32 [cols], see docs/design.md)
-_STATS = ("energy",)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
 
@@ -106,10 +104,6 @@ class PayloadMeta:
         return out
 
 
-# what a merge reads of one client's tensor: weight (zero where pruned), keep mask, column energy
-Update = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
-
-
 @dataclass(frozen=True)
 class SparseTensor:
     """One matrix in bitmask form; :meth:`unpack` materialises it only when asked."""
@@ -117,12 +111,9 @@ class SparseTensor:
     shape: tuple[int, ...]
     bitmask: torch.Tensor
     values: torch.Tensor
-    energy: torch.Tensor | None = None  # per-input-column Σ x² of the sender's calibration
 
     @classmethod
-    def pack(
-        cls, weight: torch.Tensor, mask: torch.Tensor, energy: torch.Tensor | None = None
-    ) -> SparseTensor:
+    def pack(cls, weight: torch.Tensor, mask: torch.Tensor) -> SparseTensor:
         """Bitmask and kept values of ``weight`` under its keep ``mask``."""
         if weight.dim() == 0 or mask.shape != weight.shape or mask.dtype != torch.bool:
             raise ValueError(f"need a bool mask of shape {tuple(weight.shape)} for a >=1-d weight")
@@ -133,21 +124,13 @@ class SparseTensor:
         # numpy's boolean indexing streams (torch's masked_select builds an int64 prefix sum);
         # viewing as a same-width int also covers bfloat16, which numpy lacks
         raw = as_int(weight.detach().cpu().contiguous()).numpy()[keep]
-        if energy is not None:
-            energy = energy.detach().cpu().to(torch.float32).contiguous()
         return cls(
-            tuple(weight.shape),
-            torch.from_numpy(bits),
-            torch.from_numpy(raw).view(weight.dtype),
-            energy,
+            tuple(weight.shape), torch.from_numpy(bits), torch.from_numpy(raw).view(weight.dtype)
         )
 
     def mask(self) -> torch.Tensor:
         bits = np.unpackbits(self.bitmask.numpy(), axis=-1, count=self.shape[-1], bitorder="little")
         return torch.from_numpy(bits).view(torch.bool).reshape(self.shape)
-
-    def update(self) -> Update:
-        return (*self.unpack(), self.energy)
 
     def unpack(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense weight (zero where pruned) and its keep mask."""
@@ -193,9 +176,9 @@ class Decoded:
     def keys(self) -> list[str]:
         return list(self.sparse)
 
-    def update(self, key: str) -> Update:
-        """``(weight, mask, energy)`` of one key, unpacking the bitmask once (a merge's input)."""
-        return self.sparse[key].update()
+    def update(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(weight, mask)`` of one key, unpacking the bitmask once (a merge's input)."""
+        return self.sparse[key].unpack()
 
 
 @dataclass(frozen=True)
@@ -237,19 +220,14 @@ def encode_payload(
     weights: Mapping[str, torch.Tensor],
     meta: PayloadMeta,
     masks: Mapping[str, torch.Tensor] | None = None,
-    energy: Mapping[str, torch.Tensor] | None = None,
 ) -> bytes:
-    """Pack pruned weights (mask defaults to ``weight != 0``), and optionally each weight's
-    per-input-column energy, into safetensors bytes."""
+    """Pack pruned weights (mask defaults to ``weight != 0``) into safetensors bytes."""
     tensors = {}
     for key, weight in weights.items():
-        mask = weight != 0 if masks is None else masks[key]
-        sparse = SparseTensor.pack(weight, mask, energy.get(key) if energy else None)
+        sparse = SparseTensor.pack(weight, weight != 0 if masks is None else masks[key])
         tensors[f"{key}.shape"] = torch.tensor(sparse.shape, dtype=torch.int64)
         tensors[f"{key}.bitmask"] = sparse.bitmask
         tensors[f"{key}.values"] = sparse.values
-        if sparse.energy is not None:
-            tensors[f"{key}.energy"] = sparse.energy
     return safetensors.torch.save(tensors, metadata=meta.to_strings())
 
 
@@ -297,16 +275,13 @@ class StoredPayload:
 
     def sparse(self, key: str) -> SparseTensor:
         with self._open() as f:
-            names = set(f.keys())
-            parts = {
-                p: f.get_tensor(f"{key}.{p}") for p in (*_PARTS, *_STATS) if f"{key}.{p}" in names
-            }
+            parts = {p: f.get_tensor(f"{key}.{p}") for p in _PARTS}
         shape = tuple(parts["shape"].tolist())
-        return SparseTensor(shape, parts["bitmask"], parts["values"], parts.get("energy"))
+        return SparseTensor(shape, parts["bitmask"], parts["values"])
 
-    def update(self, key: str) -> Update:
-        """``(weight, mask, energy)`` of one key, read from the file (a merge's source)."""
-        return self.sparse(key).update()
+    def update(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(weight, mask)`` of one key, read from the file (a merge's source)."""
+        return self.sparse(key).unpack()
 
 
 def _meta(header: dict, expected: Expected | None) -> PayloadMeta:
@@ -329,9 +304,10 @@ def _checked_groups(
     groups: dict[str, list[str]] = {}
     for name in names:
         key, _, part = name.rpartition(".")
-        if part not in _PARTS and part not in _STATS:
-            allowed = ",".join((*_PARTS, *_STATS))
-            raise PayloadError("unknown-tensor", f"{name!r} is not one of {key}.{{{allowed}}}")
+        if part not in _PARTS:
+            raise PayloadError(
+                "unknown-tensor", f"{name!r} is not one of {key}.{{{','.join(_PARTS)}}}"
+            )
         groups.setdefault(key, []).append(part)
     if expected is not None:
         _check_assignment(set(groups), meta, expected)
@@ -421,17 +397,7 @@ def _check_tensor(
             raise PayloadError(
                 "density", f"{key}: keeps {kept / (rows * cols):.3f} of weights, limit {limit:.3f}"
             )
-    energy = parts.get("energy")
-    if energy is not None:
-        if energy.dtype != torch.float32 or tuple(energy.shape) != (cols,):
-            raise PayloadError(
-                "statistics",
-                f"{key}: energy must be float32 ({cols},), got {energy.dtype} "
-                f"{tuple(energy.shape)}",
-            )
-        if not bool(torch.isfinite(energy).all()) or bool((energy < 0).any()):
-            raise PayloadError("statistics", f"{key}: energy must be finite and >= 0")
-    return SparseTensor(shape, bits, values, energy)
+    return SparseTensor(shape, bits, values)
 
 
 def _check_assignment(keys: set[str], meta: PayloadMeta, expected: Expected) -> None:

@@ -53,14 +53,6 @@ class Pruner:
     def prune(self, weight: torch.Tensor, target: Target) -> PruneResult:
         raise NotImplementedError
 
-    def column_energy(self) -> torch.Tensor:
-        """Per-input-column sum of squared inputs over every token seen (``[columns]``, fp32).
-
-        O(columns) and token-count-weighted: what a client may send the server so that it can
-        weigh its kept values and rank the union's positions by activation (never the Hessian).
-        """
-        raise NotImplementedError
-
 
 class MagnitudePruner(Pruner):
     needs_inputs = False
@@ -85,9 +77,6 @@ class WandaPruner(Pruner):
         score = weight.detach().float().abs() * self.sq_norm.sqrt()
         mask = target.select(score, per_row=True)
         return PruneResult(weight * mask, mask)
-
-    def column_energy(self) -> torch.Tensor:
-        return self.sq_norm * self.nsamples
 
 
 class SparseGPTPruner(Pruner):
@@ -132,9 +121,6 @@ class SparseGPTPruner(Pruner):
                 H[dead, dead] = 1
             self._factor = dead, self._inverse_factor(H)
         return self._factor
-
-    def column_energy(self) -> torch.Tensor:
-        return torch.diag(self.H) * (self.nsamples / 2)  # H = 2/n Σ x xᵀ
 
     def prune(self, weight: torch.Tensor, target: Target) -> PruneResult:
         W = weight.detach().to(self.device, torch.float32).clone()

@@ -138,11 +138,11 @@ def reference_weights(cfg, payloads: dict, merge: str, base=None) -> dict[str, t
 def reference_output(cfg, worker, data, budgets: list[int]) -> dict[str, torch.Tensor]:
     """The merged model of ``cfg``'s method, composed from client jobs and merges without the
     server: one round, or for the default fedspallm a prune round (activation-aware l0) and a
-    refine round of the same partitions on the merged model (energy-weighted mean)."""
+    refine round of the same partitions on the merged model (mean of their values)."""
     from pruning.federated import GlobalModel
 
     held = reference_plan(cfg, worker.num_layers, budgets)
-    merge = {"fedprllm": "mask-vote", "fedavg": "fedavg", "fedspallm": "l0-act"}
+    merge = {"fedprllm": "mask-vote", "fedavg": "fedavg"}
     first = reference_weights(
         cfg, reference_run(cfg, worker, data, held), merge.get(cfg.method, "l0")
     )
@@ -157,4 +157,4 @@ def reference_output(cfg, worker, data, budgets: list[int]) -> dict[str, torch.T
         return base.encode(below, 2, cfg.sparsity, cfg.pattern)
 
     refined = reference_run(cfg, worker, data, held, 2, down)
-    return reference_weights(cfg, refined, "energy-mean", base)
+    return reference_weights(cfg, refined, "l0", base)

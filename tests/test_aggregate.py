@@ -37,13 +37,11 @@ def tiny_blocks():
 
 
 def client_updates(n, rows, cols, sparsity, pattern, per_row, seed, dtype=torch.float16):
-    """Clients pruned exactly as the pruners do, with their column energies; values on a 1/64
-    grid and small integer energies, so that fp32 sums and products are exact."""
+    """Clients pruned exactly as the pruners do; values on a 1/64 grid so fp32 sums are exact."""
     gen = torch.Generator().manual_seed(seed)
     updates = []
     for _ in range(n):
         weight = (torch.randint(-128, 129, (rows, cols), generator=gen) / 64).to(dtype)
-        energy = torch.randint(1, 9, (cols,), generator=gen).float()
         scores = torch.rand(rows, cols, generator=gen)
         if pattern:
             mask = keep_nm(scores, pattern)
@@ -51,7 +49,7 @@ def client_updates(n, rows, cols, sparsity, pattern, per_row, seed, dtype=torch.
             mask = keep_topk_per_row(scores, sparsity)
         else:
             mask = keep_topk(scores, sparsity)
-        updates.append((weight * mask, mask, energy))
+        updates.append((weight * mask, mask))
     return updates
 
 
@@ -60,7 +58,7 @@ def ref_l0(updates):
     rows, cols = updates[0][0].shape
     mean, count = torch.zeros(rows, cols, dtype=torch.float64), torch.zeros(rows, cols)
     for i, j in itertools.product(range(rows), range(cols)):
-        kept = [float(w[i, j]) for w, m, *_ in updates if m[i, j]]
+        kept = [float(w[i, j]) for w, m in updates if m[i, j]]
         count[i, j] = len(kept)
         mean[i, j] = sum(kept) / len(kept) if kept else 0.0
     return mean, count
@@ -201,7 +199,7 @@ def test_fedavg_is_the_plain_mean_then_magnitude_pruning():
     updates, _, _, _ = unpack(
         {"n": 5, "rows": 4, "groups": 3, "scope": "global", "sparsity": 0.5, "seed": 1}
     )
-    mean = (sum(w.float() for w, *_ in updates) / 5).half()
+    mean = (sum(w.float() for w, _ in updates) / 5).half()
     weight, mask = merged("fedavg", updates, 0.5)
     assert torch.equal(mask, keep_topk(mean.abs().float(), 0.5))
     assert torch.equal(weight, mean * mask)
@@ -214,7 +212,7 @@ def test_mask_vote_keeps_the_most_voted_positions_with_dense_weights(scaling):
         {"n": 4, "rows": 3, "groups": 2, "scope": "2:4", "sparsity": 0.5, "seed": 2}
     )
     dense = torch.randn(3, 8, generator=torch.Generator().manual_seed(3)).half()
-    votes = sum(m.int() for _, m, _ in updates)
+    votes = sum(m.int() for _, m in updates)
     merge = "mask-vote-scaled" if scaling else "mask-vote"
     weight, mask = merged(merge, updates, 0.5, pattern, dense=dense)
     assert torch.equal(mask, ref_keep(dense, votes, 0.5, pattern)) and nm_valid(mask, pattern)
@@ -236,38 +234,3 @@ def test_bad_calls_are_refused():
         merged("l0", [(torch.ones(2, 4), torch.ones(2, 4))], 0.5)
     with pytest.raises(ValueError, match="more than"):
         expand_mask(torch.ones(2, 4), torch.full((2, 4), 3), 2, 0.5)
-
-
-@settings(max_examples=60, deadline=None)
-@given(scenarios)
-def test_activation_aware_expansion_ranks_each_count_level_by_w2_times_summed_energy(s):
-    updates, sparsity, pattern, per_row = unpack(s)
-    ref_mean, ref_count = ref_l0(updates)
-    energy = sum(e.double() for *_, e in updates)
-    score = ref_mean.pow(2) * energy[None, :]  # exact: 1/64 grid, small integer energies
-    weight, mask = merged("l0-act", updates, sparsity, pattern, per_row=per_row)
-    assert torch.equal(mask, ref_keep(score, ref_count, sparsity, pattern, per_row))
-    assert torch.equal(weight, ref_mean.to(torch.float16) * mask)
-
-
-@settings(max_examples=60, deadline=None)
-@given(scenarios)
-def test_energy_mean_is_the_energy_weighted_mean_over_the_clients_that_kept(s):
-    updates, sparsity, pattern, per_row = unpack(s)
-    rows, cols = updates[0][0].shape
-    ref = torch.zeros(rows, cols, dtype=torch.float64)
-    for i, j in itertools.product(range(rows), range(cols)):
-        kept = [(float(e[j]), float(w[i, j])) for w, m, e in updates if m[i, j]]
-        total = sum(e for e, _ in kept)
-        ref[i, j] = sum(e * w for e, w in kept) / total if kept else 0.0
-    _, count = ref_l0(updates)
-    weight, mask = merged("energy-mean", updates, sparsity, pattern, per_row=per_row)
-    assert torch.equal(mask, ref_keep(ref.to(torch.float16), count, sparsity, pattern, per_row))
-    assert torch.equal(weight, ref.to(torch.float16) * mask)
-
-
-def test_energy_merges_refuse_updates_without_energy():
-    ok = [(torch.ones(2, 4), torch.ones(2, 4, dtype=torch.bool))]
-    for merge in ("l0-act", "energy-mean"):
-        with pytest.raises((ValueError, IndexError)):
-            merged(merge, ok, 0.5)
