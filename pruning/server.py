@@ -17,6 +17,7 @@ import logging
 import resource
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -122,11 +123,12 @@ class RunState:
 
 @dataclass(frozen=True)
 class Task:
-    """One node's work in a round: the job, and the aggregated layers it must build on."""
+    """One node's work in a round: the job, and the aggregated layers it must build on,
+    encoded only when its message is sent (so the server holds one such payload at a time)."""
 
     node: int
     job: Job
-    downlink: bytes | None
+    downlink: Callable[[], bytes | None]
 
 
 class PayloadStore:
@@ -253,18 +255,22 @@ class FederatedRun:
         for node, layers in assignment.items():
             # the merged layers the job builds on (a refine job also needs its own layers' masks)
             below = [i for i in sorted(state.done) if i < max(layers) + phase.refine]
-            cfg = self.cfg
-            down = (
-                self.model.encode(below, rnd, cfg.sparsity, cfg.pattern, cfg.transport_dtype)
-                if below
-                else None
-            )
-            current.replies[node] = Reply(bytes_down=len(down) if down else 0)
+            current.replies[node] = Reply()
             job = Job.plan(self.cfg, rnd, layers, self.method.union, phase.name)
-            tasks.append(Task(node, job, down))
+            tasks.append(Task(node, job, partial(self._downlink, node, below)))
         self.jobs = {t.node: t.job for t in tasks}
         self.payloads, self.round_started = {}, time.perf_counter()
         return tasks
+
+    def _downlink(self, node: int, layers: list[int]) -> bytes | None:
+        if not layers:
+            return None
+        cfg = self.cfg
+        blob = self.model.encode(
+            layers, len(self.state.rounds), cfg.sparsity, cfg.pattern, cfg.transport_dtype
+        )
+        self.state.rounds[-1].replies[node].bytes_down = len(blob)
+        return blob
 
     def receive(
         self, node: int, blob: bytes | None, error: str | None = None, metrics: dict | None = None

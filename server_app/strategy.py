@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from pruning.server import FederatedRun
+from pruning.server import FederatedRun, Task
 from server_app import protocol
 
 log = logging.getLogger(__name__)
@@ -32,11 +32,8 @@ class FedSpaLLMStrategy(Strategy):
     def run(self, grid: Grid) -> None:
         """Query resources, then prune round by round until every layer is covered."""
         self.query_resources(grid)
-        rnd = 0
-        while messages := list(
-            self.configure_train(rnd := rnd + 1, ArrayRecord(), ConfigRecord(), grid)
-        ):
-            for node, reply in self._stream(grid, messages):
+        while tasks := self.fed.start_round():
+            for node, reply in self._stream(grid, self._messages(tasks)):
                 self.fed.receive(node, *protocol.read_payload(reply))
             self.fed.close_round()
 
@@ -64,12 +61,16 @@ class FedSpaLLMStrategy(Strategy):
                 self.fed.add_node(node, protocol.read_resources(reply))
         log.info("node budgets (layers per round): %s", self.fed.state.budgets)
 
-    def _stream(self, grid: Grid, messages: list[Message]) -> Iterator[tuple[int, Message]]:
-        """Push the messages, then yield ``(node, reply)`` as replies arrive, pulling one message
-        at a time, until all answered or ``round-timeout`` passed. Matching by the id of the
-        message answered also names the node when the SuperLink replies for a vanished one."""
-        nodes = [m.metadata.dst_node_id for m in messages]
-        self._sent = dict(zip(grid.push_messages(messages), nodes, strict=True))
+    def _stream(self, grid: Grid, messages: Iterable[Message]) -> Iterator[tuple[int, Message]]:
+        """Push the messages one by one as they are built, then yield ``(node, reply)`` as
+        replies arrive, pulling one message at a time, until all answered or ``round-timeout``
+        passed: the server never holds more than one outgoing or incoming payload. Matching by
+        the id of the message answered also names the node when the SuperLink replies for a
+        vanished one."""
+        self._sent = {}
+        for msg in messages:
+            (msg_id,) = grid.push_messages([msg])
+            self._sent[msg_id] = msg.metadata.dst_node_id
         pending = dict(self._sent)
         deadline = time.monotonic() + self.cfg.round_timeout
         while pending and time.monotonic() < deadline:
@@ -83,14 +84,15 @@ class FedSpaLLMStrategy(Strategy):
 
     # -- Strategy interface --------------------------------------------------------------------
 
+    def _messages(self, tasks: list[Task]) -> Iterator[Message]:
+        for t in tasks:
+            yield protocol.job_message(t.node, t.job, t.downlink(), self.cfg.round_timeout)
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One message per node with work: its job and the aggregated layers it builds on."""
-        tasks = self.fed.start_round() or []
-        return [
-            protocol.job_message(t.node, t.job, t.downlink, self.cfg.round_timeout) for t in tasks
-        ]
+        return self._messages(self.fed.start_round() or [])
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from deploy_helpers import free_port
 from transformers import AutoModelForCausalLM
 
 from pruning.payload import decode_payload
@@ -28,6 +29,9 @@ def run_dir(tiny_llama_dir: Path, data_dir: Path, tmp_path_factory) -> Path:
         "FEDSPALLM_DATA": str(data_dir),
         "NUM_SUPERNODES": "3",
         "CPUS_PER_CLIENT": "1",
+        # a local SuperLink of our own: `flwr run` would reuse any other one on the default ports
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
     }
     overrides = (
         f"model='{tiny_llama_dir}' out-dir='{out}' min-nodes=3 sim-max-layers='2,1,2' "
