@@ -27,10 +27,12 @@ options.backend.client-resources.num-gpus = $GPUS_PER_CLIENT
 TOML
 fi
 data="${FEDSPALLM_DATA:-$PWD/../shared/data}"
-had_superlink=$(pgrep -f "flower-superlink.*--simulation" >/dev/null && echo 1 || echo 0)
+# the local SuperLink `flwr run` starts: only the one on this port (other users may run theirs)
+local_superlink="flower-superlink.*--simulation.* --port ${FLWR_LOCAL_SUPERLINK_HTTP_API_PORT:-39091}( |$)"
+had_superlink=$(pgrep -f "$local_superlink" >/dev/null && echo 1 || echo 0)
 stop_superlink() {  # the SuperLink and the simulation process it spawned
   [ "$had_superlink" = 0 ] || return 0
-  for pid in $(pgrep -f "flower-superlink.*--simulation"); do
+  for pid in $(pgrep -f "$local_superlink"); do
     pkill -TERM -P "$pid" 2>/dev/null || true
     kill "$pid" 2>/dev/null || true
   done
