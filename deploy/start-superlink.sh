@@ -5,11 +5,11 @@ set -euo pipefail
 usage() {
   cat <<EOF
 Usage: $(basename "$0") [-c CERT_DIR] [-H HOST] [-p PORT] [-d DATABASE] [-l LOG_FILE]
-       [--insecure] [-- EXTRA_FLOWER_SUPERLINK_ARGS...]
+       [-b LOG_FILE [-w SECONDS]] [--insecure] [-- EXTRA_FLOWER_SUPERLINK_ARGS...]
 
-Starts \`flower-superlink\` (in the foreground) serving the Fleet, Control and Runtime
-APIs on HOST:PORT over HTTPS, accepting only SuperNodes whose public key was
-registered with \`flwr supernode register\`.
+Starts \`flower-superlink\` (in the foreground, or with -b in the background) serving the
+Fleet, Control and Runtime APIs on HOST:PORT over HTTPS, accepting only SuperNodes whose
+public key was registered with \`flwr supernode register\`.
 
   -c CERT_DIR   holds ca.crt, server.pem, server.key from gen-certs.sh
                 (default: ./certificates)
@@ -18,6 +18,10 @@ registered with \`flwr supernode register\`.
   -d DATABASE   SQLite file for the SuperLink state; keeps registered SuperNodes and
                 runs across restarts (default: ./superlink-state/state.db)
   -l LOG_FILE   also write the log to this (rotated) file
+  -b LOG_FILE   run in the background with the output in LOG_FILE; return once it serves
+                (its PID on stdout, status 0) or, if it exits first, with its exit status
+                and one \`error:\` line on stderr
+  -w SECONDS    with -b: wait at most this long for it to serve (default: 60)
   --insecure    NO TLS and NO SuperNode authentication. Only for tests on a single
                 machine: refused unless HOST is a loopback address.
 
@@ -31,6 +35,8 @@ host="0.0.0.0"
 port="9093"
 database="superlink-state/state.db"
 log_file=""
+background_log=""
+wait_s=60
 insecure=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -39,6 +45,8 @@ while [[ $# -gt 0 ]]; do
     -p) port="$2"; shift 2 ;;
     -d) database="$2"; shift 2 ;;
     -l) log_file="$2"; shift 2 ;;
+    -b) background_log="$2"; shift 2 ;;
+    -w) wait_s="$2"; shift 2 ;;
     --insecure) insecure=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; break ;;
@@ -46,6 +54,7 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 
+[[ "$wait_s" =~ ^[0-9]+$ ]] || { echo "error: -w SECONDS must be an integer" >&2; exit 2; }
 command -v flower-superlink >/dev/null || {
   echo "error: flower-superlink not found; activate the environment with flwr installed" >&2
   exit 1
@@ -81,4 +90,9 @@ fi
 
 mkdir -p "$(dirname "$database")"
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+if [[ -n "$background_log" ]]; then
+  source "$(dirname "$0")/background.sh"
+  start_in_background "$background_log" "Uvicorn running" "$wait_s" flower-superlink "${args[@]}" "$@"
+  exit
+fi
 exec flower-superlink "${args[@]}" "$@"

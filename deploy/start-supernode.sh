@@ -7,10 +7,12 @@ usage() {
   cat <<EOF
 Usage: $(basename "$0") -s SUPERLINK_HOST:PORT -k PRIVATE_KEY -d DATA_PATH
        [-c CA_CERT] [-L MAX_LAYERS] [-m MEMORY_GB] [-p RUNTIME_PORT] [-n 'k=v ...']
-       [--insecure] [-- EXTRA_FLOWER_SUPERNODE_ARGS...]
+       [-b LOG_FILE [-w SECONDS]] [--insecure] [-- EXTRA_FLOWER_SUPERNODE_ARGS...]
 
-Starts \`flower-supernode\` (in the foreground). The ClientApp runs in a subprocess of
-the SuperNode, so this environment must have the app's dependencies installed.
+Starts \`flower-supernode\` (in the foreground, or with -b in the background). The ClientApp
+runs in a subprocess of the SuperNode, so this environment must have the app's dependencies
+installed. Arguments and files are checked first: a bad one is one \`error:\` line on stderr
+and exit status 2 (usage) or 1 (missing file), and nothing is started.
 
   -s SUPERLINK     SuperLink address as host:port, e.g. superlink.example.org:9093
   -k PRIVATE_KEY   this node's private key from gen-node-keys.sh; its .pub must be
@@ -24,6 +26,12 @@ the SuperNode, so this environment must have the app's dependencies installed.
   -p RUNTIME_PORT  local port of the SuperNode's Runtime API (default: 9094); give each
                    SuperNode on the same machine its own
   -n 'k=v ...'     more node config entries, e.g. -n 'device="cuda:0"'
+  -b LOG_FILE      run in the background with the output in LOG_FILE; return once the node
+                   has joined the SuperLink (its PID on stdout, status 0) or, if it exits
+                   first (e.g. key not registered), with its exit status and one \`error:\`
+                   line on stderr
+  -w SECONDS       with -b: wait at most this long for the node to join (default: 60); after
+                   that, print its PID and a warning: it keeps retrying in the background
   --insecure       NO TLS and NO authentication. Only for tests on a single machine:
                    refused unless the SuperLink address is a loopback address.
 EOF
@@ -37,6 +45,8 @@ max_layers=""
 memory_gb=""
 runtime_port="9094"
 extra_config=""
+background_log=""
+wait_s=60
 insecure=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -48,6 +58,8 @@ while [[ $# -gt 0 ]]; do
     -m) memory_gb="$2"; shift 2 ;;
     -p) runtime_port="$2"; shift 2 ;;
     -n) extra_config="$2"; shift 2 ;;
+    -b) background_log="$2"; shift 2 ;;
+    -w) wait_s="$2"; shift 2 ;;
     --insecure) insecure=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; break ;;
@@ -56,6 +68,7 @@ while [[ $# -gt 0 ]]; do
 done
 
 [[ -n "$superlink" && -n "$data_path" ]] || { usage >&2; exit 2; }
+[[ "$wait_s" =~ ^[0-9]+$ ]] || { echo "error: -w SECONDS must be an integer" >&2; exit 2; }
 [[ -r "$data_path" ]] || { echo "error: calibration file '$data_path' not readable" >&2; exit 1; }
 command -v flower-supernode >/dev/null || {
   echo "error: flower-supernode not found; activate the environment with flwr installed" >&2
@@ -99,5 +112,10 @@ else
   args+=(--root-certificates "$ca_cert" --auth-supernode-private-key "$key")
 fi
 
+if [[ -n "$background_log" ]]; then
+  source "$(dirname "$0")/background.sh"
+  start_in_background "$background_log" "SuperNode ID:" "$wait_s" flower-supernode "${args[@]}" "$@"
+  exit
+fi
 echo "Node config: $node_config" >&2
 exec flower-supernode "${args[@]}" "$@"

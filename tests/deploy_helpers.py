@@ -2,7 +2,9 @@
 
 Every process is started in its own session, with its output in a log file, and is
 tracked so that `ProcessRegistry.stop_all` can end it together with everything it
-spawned (SuperExec, ServerApp and ClientApp subprocesses), even after a timeout.
+spawned (SuperExec, ServerApp and ClientApp subprocesses), even after a timeout. Processes
+that detach themselves (`start-supernode.sh -b`, the local SuperLink `flwr run` starts) are
+found by an environment variable that every process of the registry inherits.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,6 +29,7 @@ import psutil
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEPLOY_DIR = REPO_ROOT / "deploy"
 VENV_BIN = Path(sys.executable).parent
+TAG_VAR = "FEDSPALLM_TEST_PROCESS_TAG"
 
 
 def free_port() -> int:
@@ -106,8 +110,26 @@ class ProcessRegistry:
 
     log_dir: Path
     started: list[Managed] = field(default_factory=list)
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex)
 
-    def start(self, name: str, cmd: list[str], env: Mapping[str, str]) -> Managed:
+    def tagged_env(self, env: Mapping[str, str]) -> dict[str, str]:
+        """`env` plus this registry's tag: whatever runs with it is ended by `stop_all`."""
+        return {**env, TAG_VAR: self.tag}
+
+    def tagged(self) -> list[psutil.Process]:
+        """Live processes carrying this registry's tag, also those that left their session."""
+        found = []
+        for proc in psutil.process_iter():
+            try:
+                if proc.pid != os.getpid() and proc.environ().get(TAG_VAR) == self.tag:
+                    found.append(proc)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        return found
+
+    def start(
+        self, name: str, cmd: list[str], env: Mapping[str, str], cwd: Path | None = None
+    ) -> Managed:
         """Start `cmd` in its own session, logging to `<log_dir>/<name>.log`."""
         log = self.log_dir / f"{name}.log"
         with log.open("wb") as out:
@@ -116,7 +138,8 @@ class ProcessRegistry:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=dict(env),
+                env=self.tagged_env(env),
+                cwd=cwd,
                 start_new_session=True,
             )
         managed = Managed(name=name, popen=popen, log=log)
@@ -143,15 +166,21 @@ class ProcessRegistry:
         SIGTERM first (Flower shuts down cleanly), SIGKILL whatever is left after
         `grace` seconds.
         """
-        victims: list[psutil.Process] = []
+        victims: list[psutil.Process] = self.tagged()
         for managed in self.started:
             victims.extend(managed.descendants())
             try:
                 victims.append(psutil.Process(managed.popen.pid))
             except psutil.NoSuchProcess:
                 pass
+        victims = list({proc.pid: proc for proc in victims}.values())
         for managed in self.started:
             self.kill(managed, signal.SIGTERM)
+        for proc in victims:
+            try:
+                proc.terminate()
+            except psutil.NoSuchProcess:
+                pass
         _, alive = psutil.wait_procs(victims, timeout=grace)
         for proc in alive:
             try:
@@ -159,11 +188,18 @@ class ProcessRegistry:
             except psutil.NoSuchProcess:
                 pass
         _, alive = psutil.wait_procs(alive, timeout=grace)
+        late = self.tagged()  # spawned while the others shut down
+        for proc in late:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        _, late_alive = psutil.wait_procs(late, timeout=grace)
         for managed in self.started:
             if managed.popen.poll() is None:
                 managed.popen.kill()
             managed.popen.wait(timeout=grace)
-        return [proc.pid for proc in alive if _alive(proc)]
+        return [proc.pid for proc in [*alive, *late_alive] if _alive(proc)]
 
     def logs(self) -> str:
         """Tails of all logs, for assertion messages."""

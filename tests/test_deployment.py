@@ -180,6 +180,39 @@ def test_unregistered_supernode_is_refused(deployment: Deployment) -> None:
         assert deployment.online_nodes() == len(NODES)
 
 
+def _background_supernode(root: Path, key: Path, data: Path, port: int) -> list[str]:
+    """`start-supernode.sh -b`: the script returns, the node lives on (or fails loudly)."""
+    cmd = [_script("start-supernode.sh"), "-s", f"127.0.0.1:{port}", "-k", str(key)]
+    cmd += ["-c", str(root / "certificates" / "ca.crt"), "-d", str(data)]
+    return cmd + ["-p", str(free_port()), "-b", str(root / f"bg-{key.name}.log"), "-w", "60"]
+
+
+def test_background_supernode_checks_its_data_file_first(tmp_path: Path) -> None:
+    cmd = _background_supernode(tmp_path, tmp_path / "key", tmp_path / "missing.txt", 9)
+    result = run_cli(cmd, flower_env(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"error: calibration file '{tmp_path / 'missing.txt'}' not readable"
+    ]
+    assert not (tmp_path / "bg-key.log").exists()  # nothing was started
+
+
+def test_unregistered_supernode_in_the_background_fails_loudly(deployment: Deployment) -> None:
+    """The refusal is the script's exit status and one stderr line, not only a log line."""
+    root = deployment.root
+    data = root / "data" / "mallory-bg.txt"
+    data.parent.mkdir(exist_ok=True)
+    data.write_text("stolen text")
+    cmd = _background_supernode(root, root / "keys" / "mallory", data, deployment.port)
+    env = deployment.registry.tagged_env(flower_env(root / "home-mallory-bg"))
+    result = run_cli(cmd, env, timeout=90)
+    assert result.returncode == 1, result
+    [line] = result.stderr.splitlines()
+    assert line.startswith("error: flower-supernode exited with status 1 before it was ready")
+    assert "Exit Code: 305" in line and "Failed to activate SuperNode" in line, line
+    assert deployment.online_nodes() == len(NODES)
+
+
 def _log_has(node: Managed, text: str) -> bool:
     return text in node.log.read_text(errors="replace")
 
