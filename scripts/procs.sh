@@ -10,8 +10,8 @@ descendants() {  # PID -> PID and all its descendants, children first
   echo "$1"
 }
 
-pids_using() {
-  pgrep -f -- "$1" 2>/dev/null | grep -vx "$$" || true
+pids_using() {  # never this shell or the subshell running this function
+  pgrep -f -- "$1" 2>/dev/null | grep -vx -e "$$" -e "$BASHPID" || true
 }
 
 stop_tree() {
