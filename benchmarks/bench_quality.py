@@ -19,9 +19,13 @@ Protocols (``--variants``; the first three are the baselines):
   weights on the same inputs, the server takes the mean (``mean``) or the per-column
   energy-weighted mean (``energy``) of their values. Tokens are equal across clients here, so
   a token-weighted mean is the plain mean.
-* ``<src>+B-seqin`` (``paper+B-seqin``: the app's default ``fedspallm``): round B where each
-  holder's inputs flow through the round-A merged model below the layer (as the app's refine
-  phase does); ``-mean`` takes the plain mean (the app's merge), without it the energy mean.
+* ``<src>+B-seqin`` (``paper+B-seqin``: the app's ``fedspallm-sampled``): round B where each
+  holder's inputs flow through the round-A merged model below the layer; ``-mean`` takes the
+  plain mean (the app's merge), without it the energy mean; ``-all``: every client re-solves
+  every layer (``central+B-seqin-all``: on the centralized model's masks, a bound).
+* ``app-<method>``: the app itself, in process: ``pruning.server.FederatedRun`` planning,
+  checking and merging real payloads of ``ClientWorker`` jobs on these clients' windows, with
+  the same budgets; upload and client seconds as the run reports them.
 
 Calibration: non-IID (4 clients: 2 shards of WikiText-2 valid, 2 of PTB valid, 32x512 each,
 budgets 24/16/12/8) or IID (8 clients, each 4 windows from shard k/8 of each corpus, budgets
@@ -53,12 +57,15 @@ from pathlib import Path
 import torch
 
 from pruning.aggregate import merge_tensor
+from pruning.config import RunConfig
 from pruning.data import load_text, partition, tokenize
 from pruning.driver import PruneConfig, _forward, capture_inputs, prune_layers
 from pruning.evaluate import perplexity
+from pruning.federated import ClientWorker, GlobalModel
 from pruning.models import get_adapter, layer_state, linear_groups, load_layer_state, load_model
 from pruning.pruners import Pruner, make_pruner
 from pruning.sampling import assign_layers
+from pruning.server import FederatedRun
 from pruning.sparsity import Target, as_int, parse_pattern
 
 WIKI, PTB = "wikitext2/wiki.valid.tokens", "ptb/ptb.valid.txt"
@@ -413,11 +420,13 @@ class Lab:
             return
         src = name.split("+")[0]
         state_a, meta_a = self.load(src)
+        every = name.endswith("-all")  # every client re-solves every layer
         streams = self.streams(self.calib)
         out: State = {}
         for i in range(self.n):
             log(f"{name} layer {i}")
-            layer, holders, names = self.layers[i], self.plan[i], self.names(i)
+            layer, names = self.layers[i], self.names(i)
+            holders = self.clients if every else self.plan[i]
             prefix = self.adapter.prefix(i)
             load_layer_state(self.model, {k: self.base[k] for k in self.keys(i)})
             pr = {c: collect(layer, names, streams[c]) for c in holders}
@@ -431,13 +440,49 @@ class Lab:
             load_layer_state(self.model, {k: state_a[k] for k in self.keys(i)})
             for c in self.clients:
                 advance(layer, streams[c])
-        b = sum(len(h) * self.up_bytes(i, True, False) for i, h in self.plan.items())
+        b = sum(
+            (len(self.clients) if every else len(h)) * self.up_bytes(i, True, False)
+            for i, h in self.plan.items()
+        )
         up = meta_a["upload"] + b
         self.store(name, {k: v for k, v in out.items() if "#" not in k}, {"upload": up})
         self.store(
             name + "-mean",
             {k[:-5]: v for k, v in out.items() if k.endswith("#mean")},
             {"upload": up},
+        )
+
+    def app(self, method: str) -> None:
+        """``app-<method>``: a whole federated run of the engine on these clients."""
+        name = f"app-{method}"
+        if self.saved(name).exists():
+            return
+        s = self.setting
+        cfg = RunConfig(
+            method=method,
+            sparsity=s.sparsity,
+            pattern=s.pattern or "",
+            nsamples=len(self.calib[0]),
+            seed=SEED,
+        )
+        worker = ClientWorker("smollm2-135m")
+        run = FederatedRun(cfg, GlobalModel("smollm2-135m"), self.dir / f"{name}.run")
+        for c, budget in enumerate(self.budgets):
+            run.add_node(c + 1, {"partition-id": c, "max-layers": budget})
+        up = seconds = 0
+        while (tasks := run.start_round()) is not None:
+            for task in tasks:
+                log(f"{name} round {len(run.state.rounds)}: node {task.node} {task.job.layers}")
+                data = Calib(self.calib[task.node - 1])
+                blob, metrics = worker.run(task.job, data, task.downlink())
+                up, seconds = up + len(blob), seconds + metrics["seconds"]
+                run.receive(task.node, blob, metrics=metrics)
+            run.close_round()
+        state = layer_state(run.model.model, range(self.n))
+        self.store(
+            name,
+            {k: v.detach().clone() for k, v in state.items()},
+            {"upload": up, "seconds": seconds},
         )
 
     # ------------------------------------------------------------------ evaluation
@@ -461,6 +506,16 @@ class Lab:
             }
         ppl["union"] = math.sqrt(ppl["wiki"] * ppl["ptb"])
         return ppl
+
+
+@dataclass
+class Calib:
+    """A client's calibration windows, in place of ``ClientData`` (IID clients mix corpora)."""
+
+    windows: torch.Tensor
+
+    def calibration(self, tokenizer, job) -> torch.Tensor:
+        return self.windows
 
 
 def log(msg: str) -> None:
@@ -546,6 +601,8 @@ def main() -> None:
                 lab.local()
             elif name in ONESHOT:
                 lab.oneshot()
+            elif name.startswith("app-"):
+                lab.app(name.removeprefix("app-"))
             elif "+B-seqin" in name:
                 lab.refine_seq(name.removesuffix("-mean"))
             elif name != "dense":

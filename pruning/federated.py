@@ -239,7 +239,12 @@ class GlobalModel:
         meta = PayloadMeta(round, sorted(layers), sparsity, pattern, role="global")
         wire = DTYPES[dtype] if dtype else self.dtype
         weights = {k: w.to(wire) for k, w in layer_state(self.model, layers).items()}
-        return encode_payload(weights, meta)
+        return encode_payload(weights, meta, {k: self.mask(k) for k in weights})
+
+    def mask(self, key: str) -> torch.Tensor:
+        """Keep mask of a merged weight: the one its downlink carries and its refine payloads
+        are read against (taken before any cast, so a value rounding to zero stays kept)."""
+        return self.params[key].detach() != 0
 
     @torch.no_grad()
     def write(self, key: str, weight: torch.Tensor) -> None:

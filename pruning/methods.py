@@ -68,9 +68,13 @@ def _one(plan: Plan, merge: str | None, **kw) -> Method:
 
 
 METHODS: dict[str, Method] = {
-    # default: the paper's prune phase, then the same clients re-solve the kept values of the
-    # merged masks on inputs that flow through the merged model; the server averages them
-    "fedspallm": Method((Phase(sampled, "l0"), Phase(None, "l0", refine=True))),
+    # default: the paper's prune phase (layers sampled by budget), then every client re-solves
+    # the kept values of the merged masks on its own data, on inputs that flow through the
+    # merged model; the server averages them, so every layer is fitted to every client's data
+    "fedspallm": Method((Phase(sampled, "l0"), Phase(everyone, "l0", refine=True))),
+    # the same, but each layer is refined only by the clients that pruned it (budgets hold in
+    # both phases; cheaper, and worse when a layer's pruners share one domain)
+    "fedspallm-sampled": Method((Phase(sampled, "l0"), Phase(None, "l0", refine=True))),
     # the algorithm as the paper describes it: l0 mean + count-then-magnitude expansion
     "fedspallm-paper": _one(sampled, "l0"),
     "fedprllm": _one(everyone, "mask-vote", scaled_merge="mask-vote-scaled"),

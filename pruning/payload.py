@@ -11,6 +11,10 @@ matrix ``K`` travels as three tensors, modelled on compressed-tensors' ``sparse-
 Row offsets are not stored: they follow from the bitmask and would be one more field that can
 disagree with it. At 50 % sparsity in fp16 this costs 1 + 1/8 bytes per weight instead of 2.
 
+A ``refine`` payload answers a job that fixed the masks (the server's merged ones), so it carries
+no bitmask: its values are read against the receiver's own masks (:attr:`Expected.masks`). That
+saves the bits and means a refine payload cannot move a mask.
+
 The file-level safetensors metadata carries the :class:`PayloadMeta` fields as strings. Decoding
 never unpickles; everything it rejects raises :class:`PayloadError` with a stable ``reason``.
 """
@@ -31,9 +35,10 @@ import torch
 from pruning.sparsity import SparsityError, as_int, parse_pattern
 
 FORMAT = "fedspallm-sparse-bitmask"
-FORMAT_VERSION = 2  # 2: explicit ``role`` (was ``pruner="global"``)
+FORMAT_VERSION = 3  # 2: explicit ``role`` (was ``pruner="global"``); 3: maskless refine payloads
 ROLES = ("update", "global")  # a client's pruned layers; aggregated layers sent by the server
 _PARTS = {"shape": "shape", "bitmask": "bitmask", "values": "value-count"}  # -> reason if absent
+MASKLESS_PHASE = "refine"  # a job with fixed masks: its payload carries values and shapes only
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
 
@@ -103,6 +108,13 @@ class PayloadMeta:
             raise PayloadError("metadata", f"out of range: {out}")
         return out
 
+    @property
+    def parts(self) -> dict[str, str]:
+        """The tensors of each key in this payload (-> the reason a missing one is refused)."""
+        if self.phase == MASKLESS_PHASE:
+            return {p: r for p, r in _PARTS.items() if p != "bitmask"}
+        return _PARTS
+
 
 @dataclass(frozen=True)
 class SparseTensor:
@@ -120,13 +132,10 @@ class SparseTensor:
         if weight.dtype not in FLOAT_DTYPES:
             raise ValueError(f"weights must be floating point, got {weight.dtype}")
         keep = mask.detach().cpu().numpy()
-        bits = np.packbits(keep.reshape(-1, weight.shape[-1]), axis=-1, bitorder="little")
         # numpy's boolean indexing streams (torch's masked_select builds an int64 prefix sum);
         # viewing as a same-width int also covers bfloat16, which numpy lacks
         raw = as_int(weight.detach().cpu().contiguous()).numpy()[keep]
-        return cls(
-            tuple(weight.shape), torch.from_numpy(bits), torch.from_numpy(raw).view(weight.dtype)
-        )
+        return cls(tuple(weight.shape), pack_bits(mask), torch.from_numpy(raw).view(weight.dtype))
 
     def mask(self) -> torch.Tensor:
         bits = np.unpackbits(self.bitmask.numpy(), axis=-1, count=self.shape[-1], bitorder="little")
@@ -137,6 +146,14 @@ class SparseTensor:
         mask = self.mask()
         dense = torch.zeros(self.shape, dtype=self.values.dtype).masked_scatter_(mask, self.values)
         return dense, mask
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Row-major little-endian bitmask ``[rows, ceil(cols / 8)]`` of a bool keep mask."""
+    keep = mask.detach().cpu().numpy()
+    return torch.from_numpy(
+        np.packbits(keep.reshape(-1, mask.shape[-1]), axis=-1, bitorder="little")
+    )
 
 
 class _LazyMap(Mapping[str, torch.Tensor]):
@@ -197,6 +214,8 @@ class Expected:
     pruner: str | None = None
     role: str | None = None
     phase: str | None = None
+    # the receiver's keep mask of a key: what a maskless (refine) payload's values fill
+    masks: Callable[[str], torch.Tensor] | None = None
 
     def check_meta(self, meta: PayloadMeta) -> PayloadMeta:
         """The payload must answer this job: same round, role and pruning settings."""
@@ -228,6 +247,7 @@ def encode_payload(
         tensors[f"{key}.shape"] = torch.tensor(sparse.shape, dtype=torch.int64)
         tensors[f"{key}.bitmask"] = sparse.bitmask
         tensors[f"{key}.values"] = sparse.values
+    tensors = {k: v for k, v in tensors.items() if k.rpartition(".")[2] in meta.parts}
     return safetensors.torch.save(tensors, metadata=meta.to_strings())
 
 
@@ -264,6 +284,7 @@ class StoredPayload:
             length = int.from_bytes(head, "little") if len(head) == 8 else 0
             head += fh.read(max(0, min(length, size - 8)))
         self.meta = _meta(_read_header(head, size), expected)
+        self._masks = expected.masks if expected is not None else None
         with self._open() as f:
             self.keys = [k for k, _ in _checked_groups(f.keys(), f.get_tensor, self.meta, expected)]
 
@@ -275,9 +296,10 @@ class StoredPayload:
 
     def sparse(self, key: str) -> SparseTensor:
         with self._open() as f:
-            parts = {p: f.get_tensor(f"{key}.{p}") for p in _PARTS}
+            parts = {p: f.get_tensor(f"{key}.{p}") for p in self.meta.parts}
         shape = tuple(parts["shape"].tolist())
-        return SparseTensor(shape, parts["bitmask"], parts["values"])
+        bits = parts["bitmask"] if "bitmask" in parts else pack_bits(self._masks(key))
+        return SparseTensor(shape, bits, parts["values"])
 
     def update(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(weight, mask)`` of one key, read from the file (a merge's source)."""
@@ -304,9 +326,9 @@ def _checked_groups(
     groups: dict[str, list[str]] = {}
     for name in names:
         key, _, part = name.rpartition(".")
-        if part not in _PARTS:
+        if part not in meta.parts:
             raise PayloadError(
-                "unknown-tensor", f"{name!r} is not one of {key}.{{{','.join(_PARTS)}}}"
+                "unknown-tensor", f"{name!r} is not one of {key}.{{{','.join(meta.parts)}}}"
             )
         groups.setdefault(key, []).append(part)
     if expected is not None:
@@ -349,10 +371,10 @@ def _check_tensor(
     key: str, parts: dict[str, torch.Tensor], meta: PayloadMeta, expected: Expected | None
 ) -> SparseTensor:
     """Validate one matrix group; order: names, shape, bitmask, values, then the plan."""
-    for part, reason in _PARTS.items():
+    for part, reason in meta.parts.items():
         if part not in parts:
             raise PayloadError(reason, f"{key}: no {part} tensor")
-    shape_t, bits, values = parts["shape"], parts["bitmask"], parts["values"]
+    shape_t, values = parts["shape"], parts["values"]
     if shape_t.dtype != torch.int64 or shape_t.dim() != 1 or not 0 < shape_t.numel() <= 8:
         raise PayloadError("shape", f"{key}: shape must be 1-8 int64, got {shape_t}")
     shape = tuple(shape_t.tolist())
@@ -371,6 +393,7 @@ def _check_tensor(
 
     cols = shape[-1]
     rows = math.prod(shape) // cols
+    bits = parts["bitmask"] if "bitmask" in parts else _receiver_bits(key, shape, expected)
     if bits.dtype != torch.uint8 or tuple(bits.shape) != (rows, (cols + 7) // 8):
         raise PayloadError(
             "bitmask",
@@ -398,6 +421,16 @@ def _check_tensor(
                 "density", f"{key}: keeps {kept / (rows * cols):.3f} of weights, limit {limit:.3f}"
             )
     return SparseTensor(shape, bits, values)
+
+
+def _receiver_bits(key: str, shape: tuple[int, ...], expected: Expected | None) -> torch.Tensor:
+    """The receiver's packed mask of ``key``, which a maskless payload's values fill."""
+    if expected is None or expected.masks is None:
+        raise PayloadError("bitmask", f"{key}: a refine payload is read against the job's masks")
+    mask = expected.masks(key)
+    if tuple(mask.shape) != shape or mask.dtype != torch.bool:
+        raise PayloadError("bitmask", f"{key}: the receiver has no {shape} mask for it")
+    return pack_bits(mask)
 
 
 def _check_assignment(keys: set[str], meta: PayloadMeta, expected: Expected) -> None:

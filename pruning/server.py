@@ -316,6 +316,7 @@ class FederatedRun:
             pruner=job.pruner,
             role="update",
             phase=job.phase,
+            masks=self.model.mask if job.phase == "refine" else None,
         )
 
     def close_round(self) -> None:

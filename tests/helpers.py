@@ -109,15 +109,15 @@ def reference_run(cfg, worker, data, held: dict, rnd: int = 1, down=None) -> dic
     ``{partition: Decoded payload}`` (``data(p)`` gives a partition's data; ``down(p)`` the
     merged layers sent to it, for a refine round)."""
     from pruning.federated import Job
-    from pruning.payload import decode_payload
+    from pruning.payload import Expected, decode_payload
 
     union, phase = cfg.method == "centralized", "refine" if down else "prune"
-    return {
-        p: decode_payload(
-            worker.run(Job.plan(cfg, rnd, v, union, phase), data(p), down(p) if down else None)[0]
-        )
-        for p, v in sorted(held.items())
-    }
+    out = {}
+    for p, v in sorted(held.items()):
+        blob = worker.run(Job.plan(cfg, rnd, v, union, phase), data(p), down(p) if down else None)
+        masks = decode_payload(down(p), Expected(worker.shapes)).masks if down else None
+        out[p] = decode_payload(blob[0], Expected(worker.shapes, masks=masks and masks.get))
+    return out
 
 
 def reference_weights(cfg, payloads: dict, merge: str, base=None) -> dict[str, torch.Tensor]:
@@ -137,8 +137,9 @@ def reference_weights(cfg, payloads: dict, merge: str, base=None) -> dict[str, t
 
 def reference_output(cfg, worker, data, budgets: list[int]) -> dict[str, torch.Tensor]:
     """The merged model of ``cfg``'s method, composed from client jobs and merges without the
-    server: one round, or for the default fedspallm a prune round (activation-aware l0) and a
-    refine round of the same partitions on the merged model (mean of their values)."""
+    server: one round, or for the two-phase fedspallm presets a prune round (l0) and a refine
+    round on the merged model (mean of the values) by every partition (``fedspallm``) or by the
+    partitions that pruned each layer (``fedspallm-sampled``)."""
     from pruning.federated import GlobalModel
 
     held = reference_plan(cfg, worker.num_layers, budgets)
@@ -146,11 +147,14 @@ def reference_output(cfg, worker, data, budgets: list[int]) -> dict[str, torch.T
     first = reference_weights(
         cfg, reference_run(cfg, worker, data, held), merge.get(cfg.method, "l0")
     )
-    if cfg.method != "fedspallm":
+    if cfg.method not in ("fedspallm", "fedspallm-sampled"):
         return first
     base = GlobalModel(cfg.model, cfg.dtype)
     for key, weight in first.items():
         base.write(key, weight)
+
+    if cfg.method == "fedspallm":
+        held = dict.fromkeys(held, list(range(worker.num_layers)))
 
     def down(p: int) -> bytes:
         below = list(range(max(held[p]) + 1))

@@ -148,6 +148,37 @@ def test_stored_payload_reads_back_one_tensor_at_a_time(tmp_path):
         assert torch.equal(got, weight) and torch.equal(mask, weight != 0)
 
 
+def test_a_refine_payload_carries_values_only_and_is_read_against_the_job_masks(tmp_path):
+    weights, masks, model = layer_tensors([1])
+    blob = encode_payload(weights, meta(phase="refine"), masks)
+    assert {k.rpartition(".")[2] for k in parts_of(blob)} == {"shape", "values"}
+    assert len(blob) < len(encode_payload(weights, meta(), masks))
+    expected = Expected(model, layers={1}, sparsity=0.5, phase="refine", masks=masks.get)
+    (tmp_path / "p.safetensors").write_bytes(blob)
+    for got in (
+        decode_payload(blob, expected),
+        StoredPayload(tmp_path / "p.safetensors", expected),
+    ):
+        for key, weight in weights.items():
+            value, mask = got.update(key)
+            assert torch.equal(value, weight) and torch.equal(mask, masks[key])
+
+
+def test_refuses_a_refine_payload_without_the_job_masks_or_with_a_bitmask():
+    weights, masks, model = layer_tensors([1])
+    blob = encode_payload(weights, meta(phase="refine"), masks)
+    assert reason_of(blob) == "bitmask"
+    wrong = {k: m[:, :-1] for k, m in masks.items()}
+    assert reason_of(blob, Expected(model, masks=wrong.get)) == "bitmask"
+    # values that do not fill the job's masks: one kept position more than was sent
+    more = {k: m.clone().index_fill_(0, torch.tensor(0), True) for k, m in masks.items()}
+    assert reason_of(blob, Expected(model, masks=more.get)) == "value-count"
+    with_bits = crafted(
+        parts_of(encode_payload(weights, meta(), masks)), meta(phase="refine").to_strings()
+    )
+    assert reason_of(with_bits, Expected(model, masks=masks.get)) == "unknown-tensor"
+
+
 def test_decoded_stays_sparse_until_asked():
     blob, expected, weights = valid_blob()
     decoded = decode_payload(blob, expected)

@@ -231,6 +231,7 @@ def test_same_seed_same_masks(setup: dict) -> None:
 PRESETS = [
     ("fedspallm", ""),
     ("fedspallm", "2:4"),
+    ("fedspallm-sampled", ""),
     ("fedspallm-paper", ""),
     ("fedspallm-paper", "2:4"),
     ("fedprllm", ""),
@@ -270,28 +271,41 @@ def test_each_preset_equals_a_reference_built_from_the_engine(
     expected = reference_output(cfg, w, data, budgets)
     assert all(torch.equal(w, expected[k]) for k, w in pruned_weights(run).items())
     phases = [r.phase for r in run.state.rounds]
-    assert phases == (["prune", "refine"] if method == "fedspallm" else ["prune"])
+    two_phase = method in ("fedspallm", "fedspallm-sampled")
+    assert phases == (["prune", "refine"] if two_phase else ["prune"])
 
 
-def test_a_node_that_fails_in_the_refine_phase_leaves_its_layers_to_the_others(setup: dict):
-    w, d = setup["worker"], setup["data"]
-    flaky = honest_node(w, d, 4)
-
-    def fails_to_refine(msg: Message) -> Message | None:
+def _fails_to_refine(node: Callable) -> Callable:
+    def reply(msg: Message) -> Message | None:
         if (
             msg.metadata.message_type == MessageType.TRAIN
             and protocol.read_job(msg)[0].phase == "refine"
         ):
             return protocol.error_reply(msg, "killed")
-        return flaky(msg)
+        return node(msg)
 
-    nodes = {1: honest_node(w, d, 2), 2: fails_to_refine}
-    run = run_strategy(setup, nodes, method="fedspallm")
-    prune, refine, retry = run.state.rounds
-    assert (prune.phase, refine.phase, retry.phase) == ("prune", "refine", "refine")
-    assert set(refine.assignment[2]) == set(range(4)) and not refine.replies[2].ok
-    assert retry.assignment == {1: [i for i in range(4) if i not in refine.aggregated]}
-    assert not run.state.remaining and all(r.ok for r in retry.replies.values())
+    return reply
+
+
+@pytest.mark.parametrize("method", ["fedspallm", "fedspallm-sampled"])
+def test_a_node_that_fails_in_the_refine_phase_leaves_its_layers_to_the_others(
+    setup: dict, method: str
+):
+    """Default: everyone refines every layer, so the others cover a failed node at once;
+    ``fedspallm-sampled``: its layers go to the others in one more round."""
+    w, d = setup["worker"], setup["data"]
+    nodes = {1: honest_node(w, d, 2), 2: _fails_to_refine(honest_node(w, d, 4))}
+    run = run_strategy(setup, nodes, method=method)
+    prune, refine, *retry = run.state.rounds
+    assert (prune.phase, refine.phase) == ("prune", "refine") and not refine.replies[2].ok
+    assert set(refine.assignment[2]) == set(range(4))
+    if method == "fedspallm":
+        assert not retry and refine.assignment[1] == list(range(4))
+    else:
+        assert [r.phase for r in retry] == ["refine"]
+        assert retry[0].assignment == {1: [i for i in range(4) if i not in refine.aggregated]}
+        assert all(r.ok for r in retry[0].replies.values())
+    assert not run.state.remaining
     for key, (rows, cols) in run.model.shapes.items():
         assert abs(int((run.model.params[key] == 0).sum()) - rows * cols // 2) <= 1
 
