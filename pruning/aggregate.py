@@ -1,11 +1,12 @@
 """Server-side aggregation of pruned layers: FedSpaLLM's ℓ0-norm mean and adaptive mask expansion,
-plus the FedAvg and mask-vote (FedPrLLM) baselines, in one registry (:data:`MERGES`) behind one
-call, :func:`merge_tensor`.
+its robust variants (coordinate-wise trimmed mean and median), and the FedAvg and mask-vote
+(FedPrLLM) baselines, in one registry (:data:`MERGES`) behind one call, :func:`merge_tensor`.
 
-Everything streams: clients are folded in one at a time into a float32 sum and a small-int count,
-and the big temporaries of mixed-dtype arithmetic, ranking and prefix sums are bounded by working
-in blocks of ``_BLOCK`` elements (on the CPU, mixed-dtype ops and even ``bool.sum()`` make full-size
-copies; ``count_nonzero`` does not). Tensors are expected on the CPU (the selection uses numpy).
+Everything but the robust variants streams: clients are folded in one at a time into a float32
+sum and a small-int count, and the big temporaries of mixed-dtype arithmetic, ranking and prefix
+sums are bounded by working in blocks of ``_BLOCK`` elements (on the CPU, mixed-dtype ops and
+even ``bool.sum()`` make full-size copies; ``count_nonzero`` does not). Tensors are expected on
+the CPU (the selection uses numpy).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .aggregate import ROBUST
 from .models import DEFAULT_DTYPE, DTYPES
 from .pruners import METHODS as PRUNERS
 from .sparsity import Target
@@ -107,7 +108,6 @@ class RunConfig(PruneSpec):
         return cls(**kwargs).checked()
 
     def checked(self) -> RunConfig:
-        from .aggregate import ROBUST
         from .methods import METHODS  # the method table imports this module
 
         choices = {
