@@ -1,11 +1,12 @@
 """Server-side aggregation of pruned layers: FedSpaLLM's ℓ0-norm mean and adaptive mask expansion,
-plus the FedAvg and mask-vote (FedPrLLM) baselines, in one registry (:data:`MERGES`) behind one
-call, :func:`merge_tensor`.
+its robust variants (coordinate-wise trimmed mean and median), and the FedAvg and mask-vote
+(FedPrLLM) baselines, in one registry (:data:`MERGES`) behind one call, :func:`merge_tensor`.
 
-Everything streams: clients are folded in one at a time into a float32 sum and a small-int count,
-and the big temporaries of mixed-dtype arithmetic, ranking and prefix sums are bounded by working
-in blocks of ``_BLOCK`` elements (on the CPU, mixed-dtype ops and even ``bool.sum()`` make full-size
-copies; ``count_nonzero`` does not). Tensors are expected on the CPU (the selection uses numpy).
+Everything but the robust variants streams: clients are folded in one at a time into a float32
+sum and a small-int count, and the big temporaries of mixed-dtype arithmetic, ranking and prefix
+sums are bounded by working in blocks of ``_BLOCK`` elements (on the CPU, mixed-dtype ops and
+even ``bool.sum()`` make full-size copies; ``count_nonzero`` does not). Tensors are expected on
+the CPU (the selection uses numpy).
 """
 
 from __future__ import annotations
@@ -37,21 +38,31 @@ def _blocks(length: int, step: int) -> Iterator[slice]:
     return (slice(i, i + step) for i in range(0, length, step))
 
 
+def _checked(updates: Iterable[Update]) -> Iterator[Update]:
+    """Each client's update, checked against the first one's shape and dtype."""
+    shape = dtype = None
+    for n, (weight, mask) in enumerate(updates):
+        if shape is None:
+            shape, dtype = weight.shape, weight.dtype
+        if weight.shape != shape or weight.dtype != dtype or mask.shape != shape:
+            raise ValueError(f"client {n}: weight/mask {tuple(weight.shape)} do not match {shape}")
+        if mask.dtype != torch.bool:
+            raise ValueError(f"client {n}: mask must be bool, got {mask.dtype}")
+        yield weight, mask
+        del weight, mask  # dropped before the caller's generator decodes the next client
+
+
 def _accumulate(
     updates: Iterable[Update], with_sum: bool
 ) -> tuple[torch.Tensor | None, torch.Tensor, int, torch.dtype]:
     """Fold clients into (float32 sum of kept values, keep count, clients, weight dtype)."""
     total = count = None
     n = 0
-    for weight, mask in updates:
+    for weight, mask in _checked(updates):
         if count is None:
-            shape, dtype = weight.shape, weight.dtype
-            count = torch.zeros(shape, dtype=torch.uint8)
-            total = torch.zeros(shape, dtype=torch.float32) if with_sum else None
-        if weight.shape != shape or weight.dtype != dtype or mask.shape != shape:
-            raise ValueError(f"client {n}: weight/mask {tuple(weight.shape)} do not match {shape}")
-        if mask.dtype != torch.bool:
-            raise ValueError(f"client {n}: mask must be bool, got {mask.dtype}")
+            dtype = weight.dtype
+            count = torch.zeros(weight.shape, dtype=torch.uint8)
+            total = torch.zeros(weight.shape, dtype=torch.float32) if with_sum else None
         n += 1
         if n == 256:  # uint8 counts up to 255 clients
             count = count.to(torch.int32)
@@ -60,7 +71,6 @@ def _accumulate(
             flat_c[blk] += flat_m[blk]
             if total is not None:  # where(): a weight outside its own mask never counts
                 total.view(-1)[blk] += torch.where(flat_m[blk], flat_w[blk], 0)
-        # drop this client before the caller's generator decodes the next one
         del weight, mask, flat_w, flat_m
     if count is None:
         raise ValueError("no client updates to aggregate")
@@ -189,6 +199,46 @@ def _vote(sources: Sequence[Source], dense: Dense) -> Combined:
     return dense().detach().clone(), count, n
 
 
+def _stacked(sources: Sequence[Source]) -> tuple[torch.Tensor, torch.Size]:
+    """Every client's values of one tensor, ``[clients, numel]`` in their dtype, NaN where a
+    client pruned (kept values are finite: payloads are checked for that)."""
+    stack = shape = None
+    for i, (weight, mask) in enumerate(_checked(read() for read in sources)):
+        if stack is None:
+            shape = weight.shape
+            stack = torch.empty((len(sources), weight.numel()), dtype=weight.dtype)
+        stack[i] = weight.reshape(-1)
+        stack[i].masked_fill_(~mask.reshape(-1), torch.nan)
+        del weight, mask
+    if stack is None:
+        raise ValueError("no client updates to aggregate")
+    return stack, shape
+
+
+def _trimmed(cut: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., Combined]:
+    """A coordinate-wise trimmed mean over the clients that kept each position: ``cut(kept)``
+    of the sorted kept values are dropped at each end. It needs every client's values of the
+    tensor at once (``clients x numel`` in their dtype), where ℓ0 streams them into one sum."""
+
+    def combine(sources: Sequence[Source], dense: Dense) -> Combined:
+        stack, shape = _stacked(sources)
+        n, numel = stack.shape
+        weight = torch.empty(numel, dtype=stack.dtype)
+        count = torch.empty(numel, dtype=torch.uint8 if n < 256 else torch.int32)
+        rank = torch.arange(n)[:, None]
+        for blk in _blocks(numel, max(1, _BLOCK // n)):
+            values = stack[:, blk].float().sort(dim=0).values  # pruned (NaN) sort last
+            kept = n - values.isnan().sum(0)
+            drop = cut(kept)
+            inside = (rank >= drop) & (rank < kept - drop)
+            total = torch.where(inside, values, 0).sum(0)
+            weight[blk] = total / (kept - 2 * drop).clamp(min=1)
+            count[blk] = kept
+        return weight.view(shape), count.view(shape), n
+
+    return combine
+
+
 @dataclass(frozen=True)
 class Merge:
     """How client updates of one tensor become one weight and a per-position keep count, which
@@ -208,7 +258,12 @@ MERGES = {
     # FedPrLLM: the positions most clients kept, values from the dense model
     "mask-vote": Merge(_vote),
     "mask-vote-scaled": Merge(_vote, scale_by_votes=True),
+    # robust ℓ0 variants (the run config's ``aggregator``): drop the smallest and largest kept
+    # value where three or more clients kept a position; the median of the kept values
+    "l0-trimmed": Merge(_trimmed(lambda kept: (kept >= 3).long())),
+    "l0-median": Merge(_trimmed(lambda kept: (kept - 1).clamp(min=0) // 2)),
 }
+ROBUST = ("l0-trimmed", "l0-median")  # merges that may replace "l0" (RunConfig.aggregator)
 
 
 def merge_tensor(

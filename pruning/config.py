@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .aggregate import ROBUST
 from .models import DEFAULT_DTYPE, DTYPES
 from .pruners import METHODS as PRUNERS
 from .sparsity import Target
@@ -73,6 +74,11 @@ class RunConfig(PruneSpec):
     node_wait_timeout: float = 600.0
     max_payload_mb: float = 0.0
     text_field: str = "text"
+    # "": each phase's own merge; "l0-trimmed" / "l0-median" replace the l0 mean
+    aggregator: str = ""
+    screen: bool = True  # drop payloads whose deviation from the server's weights stands out
+    screen_mad: float = 6.0  # k of the pooled test: median + k * 1.4826 * MAD
+    screen_max_deviation: float = 1.25  # absolute bound on a tensor's relative deviation
 
     @classmethod
     def parse(cls, values: Mapping[str, Any]) -> RunConfig:
@@ -110,6 +116,7 @@ class RunConfig(PruneSpec):
             "scope": (self.scope, SCOPES),
             "dtype": (self.dtype, DTYPES),
             "transport-dtype": (self.transport_dtype or self.dtype, DTYPES),
+            "aggregator": (self.aggregator, ("", *ROBUST)),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:
@@ -120,6 +127,10 @@ class RunConfig(PruneSpec):
             raise ConfigError(str(err)) from None
         if self.vote_scaling and METHODS[self.method].scaled_merge is None:
             raise ConfigError("vote-scaling applies to the mask-vote merge (fedprllm) only")
+        if self.aggregator and "l0" not in METHODS[self.method].merges(False):
+            raise ConfigError(f"aggregator replaces the l0 merge, which {self.method} does not use")
+        if self.screen_mad <= 0 or self.screen_max_deviation <= 0:
+            raise ConfigError("screen-mad and screen-max-deviation must be positive")
         return self
 
     @property

@@ -58,9 +58,11 @@ class Method:
     union: bool = False
     scaled_merge: str | None = None
 
-    def merges(self, vote_scaling: bool) -> list[str | None]:
+    def merges(self, vote_scaling: bool, aggregator: str = "") -> list[str | None]:
+        """Each phase's merge; ``aggregator`` (a robust merge) replaces the l0 mean."""
         first = self.scaled_merge if vote_scaling else self.phases[0].merge
-        return [first, *(p.merge for p in self.phases[1:])]
+        merges = [first, *(p.merge for p in self.phases[1:])]
+        return [aggregator if aggregator and m == "l0" else m for m in merges]
 
 
 def _one(plan: Plan, merge: str | None, **kw) -> Method:

@@ -40,6 +40,7 @@ ROLES = ("update", "global")  # a client's pruned layers; aggregated layers sent
 _PARTS = {"shape": "shape", "bitmask": "bitmask", "values": "value-count"}  # -> reason if absent
 MASKLESS_PHASE = "refine"  # a job with fixed masks: its payload carries values and shapes only
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DENSITY_SLACK = 0.05  # tolerated kept fraction above 1 - sparsity, per tensor
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
 
 
@@ -47,6 +48,12 @@ def layer_index(key: str) -> int | None:
     """Decoder-layer index of a state_dict key (``model.layers.3.…``, ``transformer.h.3.…``)."""
     match = _LAYER_RE.search(key)
     return int(match.group(1)) if match else None
+
+
+def tensor_name(key: str) -> str:
+    """A key without its layer prefix: the same name in every layer (``mlp.up_proj.weight``)."""
+    match = _LAYER_RE.search(key)
+    return key[match.end() :] if match else key
 
 
 class PayloadError(ValueError):
@@ -206,7 +213,7 @@ class Expected:
     layers: set[int] | None = None  # layers assigned to this sender this round
     dtype: torch.dtype | None = None
     sparsity: float | None = None
-    density_slack: float = 0.05  # tolerated kept fraction above 1 - sparsity, per tensor
+    density_slack: float = DENSITY_SLACK
     max_bytes: int | None = None
     # the job it answers: another round is a replay, other settings a misdirected payload
     round: int | None = None

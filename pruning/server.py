@@ -30,6 +30,7 @@ from .models import DTYPES
 from .payload import Expected, PayloadError, StoredPayload
 from .report import bytes_totals
 from .sampling import Assignment, assign_layers, budget_from_resources
+from .screening import deviations, screen
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,8 @@ class Reply:
     bytes_up: int = 0
     bytes_down: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
-    verdict: str = ""  # the screening step's word on a valid payload
+    verdict: str = ""  # the screening's word on a valid payload: accepted, outlier, unscreened
+    deviation: float = 0.0  # its largest relative deviation from the server's weights
 
 
 @dataclass
@@ -179,19 +181,13 @@ def _holders_plan(
     return Assignment(per_node, extra.uncovered)
 
 
-def screen(payloads: dict[int, StoredPayload]) -> dict[int, str]:
-    """Verdict per client before the merge; every checked payload is accepted for now (the
-    place where robust screening of well-formed but wrong payloads plugs in)."""
-    return {node: "accepted" for node in payloads}
-
-
 class FederatedRun:
     """One federated pruning run on the server: state, plans, store, merges, outputs."""
 
     def __init__(self, cfg: RunConfig, model: GlobalModel, out: Path) -> None:
         self.cfg, self.model, self.out = cfg, model, out
         self.method = METHODS[cfg.method]
-        self.merges = self.method.merges(cfg.vote_scaling)
+        self.merges = self.method.merges(cfg.vote_scaling, cfg.aggregator)
         self.state = RunState(model.num_layers, list(range(model.num_layers)))
         self.store = PayloadStore(out / "spool")
         self.jobs: dict[int, Job] = {}  # the open round's jobs, by node
@@ -322,16 +318,12 @@ class FederatedRun:
     def close_round(self) -> None:
         """Screen, merge and expand every layer some valid node pruned; re-queue the rest."""
         current = self.state.rounds[-1]
+        self._screen(current)
         for node in current.assignment:  # a node that failed once gets no further work this run
             if not current.replies[node].ok:
                 self.state.budgets.pop(node, None)
-        for node, verdict in screen(self.payloads).items():
-            current.replies[node].verdict = verdict
         # merge in a fixed client order (partition, then node id): float sums depend on it
-        valid = sorted(
-            (n for n in self.payloads if current.replies[n].verdict == "accepted"),
-            key=lambda n: (int(self.state.resources.get(n, {}).get("partition-id", -1)), n),
-        )
+        valid = sorted(self.payloads, key=lambda n: (self._partition(n), n))
         if self.merge is None:
             self.local.update({n: self.payloads[n] for n in valid})
             covered = set(self.state.remaining) if valid else set()
@@ -355,6 +347,29 @@ class FederatedRun:
         )
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "state.json").write_text(json.dumps(self.state.to_dict(), indent=1))
+
+    def _screen(self, current: RoundLog) -> None:
+        """Give every valid payload a verdict; an outlier is dropped like a failed reply.
+
+        Each tensor is judged against the server's weights the job started from: the dense
+        base in the prune phase, the merged layer in the refine phase."""
+        cfg = self.cfg
+        if not cfg.screen:
+            for node in self.payloads:
+                current.replies[node].verdict = "unscreened"
+            return
+        found = {n: deviations(p, self.model.params.__getitem__) for n, p in self.payloads.items()}
+        for node, verdict in screen(found, cfg.screen_mad, cfg.screen_max_deviation).items():
+            entry = current.replies[node]
+            entry.deviation = verdict.deviation
+            entry.verdict = "accepted" if verdict.accepted else "outlier"
+            if not verdict.accepted:
+                entry.ok, entry.reason = False, f"outlier: {verdict.reason}"
+                self.payloads.pop(node).path.unlink()
+                log.warning("node %d: payload dropped as an outlier: %s", node, verdict.reason)
+
+    def _partition(self, node: int) -> int:
+        return int(self.state.resources.get(node, {}).get("partition-id", -1))
 
     def _merge_layer(self, layer: int, holders: list[StoredPayload]) -> None:
         target = self.cfg.target()
@@ -407,6 +422,17 @@ class FederatedRun:
             },
             "rounds": data["rounds"],
             "complete": not state.remaining,
+            "dropped": [  # every job whose payload was not merged, and why
+                {
+                    "round": r.round,
+                    "node": n,
+                    "partition-id": state.resources.get(n, {}).get("partition-id"),
+                    "reason": e.reason,
+                }
+                for r in state.rounds
+                for n, e in r.replies.items()
+                if not e.ok
+            ],
             "unpruned_layers": state.remaining,
             "bytes": bytes_totals(data["rounds"]),
             "perplexity": perplexity,

@@ -1,6 +1,7 @@
 """ℓ0 aggregation, adaptive mask expansion and the baselines, against brute-force references."""
 
 import itertools
+import statistics
 
 import pytest
 import torch
@@ -134,6 +135,42 @@ def test_l0_matches_the_per_position_loop_and_expansion_matches_the_sorted_order
         *(_scopes(t, pattern, per_row) for t in (mask, count)), strict=True
     ):
         assert not ((~scope_m & (scope_c == n)).any() and (scope_m & (scope_c < n)).any())
+
+
+def ref_robust(updates, merge):
+    """Per position, over the clients that kept it: the median, or the mean without the
+    smallest and largest value when three or more kept it (float64)."""
+    rows, cols = updates[0][0].shape
+    out = torch.zeros(rows, cols, dtype=torch.float64)
+    for i, j in itertools.product(range(rows), range(cols)):
+        kept = sorted(float(w[i, j]) for w, m in updates if m[i, j])
+        if merge == "l0-median" and kept:
+            out[i, j] = statistics.median(kept)
+        elif kept:
+            inner = kept[1:-1] if len(kept) >= 3 else kept
+            out[i, j] = sum(inner) / len(inner)
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(scenarios, st.sampled_from(["l0-trimmed", "l0-median"]))
+def test_robust_merges_match_the_per_position_reference(s, merge):
+    updates, sparsity, pattern, per_row = unpack(s)
+    weight, count, n = MERGES[merge].combine([(lambda u=u: u) for u in updates], None)
+    assert n == len(updates) and weight.dtype == torch.float16
+    assert torch.equal(count.double(), ref_l0(updates)[1].double())
+    assert torch.allclose(weight.double(), ref_robust(updates, merge), rtol=2**-10, atol=0)
+    merged_weight, mask = merged(merge, updates, sparsity, pattern, per_row=per_row)
+    assert int((~mask).sum()) == prune_count(mask.numel(), sparsity)
+    assert torch.equal(merged_weight, weight * mask)
+
+
+def test_robust_merges_ignore_one_wild_client_where_three_kept():
+    honest = [(torch.full((2, 4), v), torch.ones(2, 4, dtype=torch.bool)) for v in (1.0, 2.0, 3.0)]
+    wild = (torch.full((2, 4), 1e4), torch.ones(2, 4, dtype=torch.bool))
+    for merge, want in (("l0-trimmed", 2.5), ("l0-median", 2.5), ("l0", 2501.5)):
+        weight, _ = merged(merge, [*honest, wild], 0.0)
+        assert torch.equal(weight, torch.full((2, 4), want)), merge
 
 
 def _scopes(t, pattern, per_row):

@@ -15,8 +15,9 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 from helpers import reference_output, reference_plan, reference_run
 
+from pruning.attacks import ATTACKS, poison
 from pruning.config import ConfigError, RunConfig
-from pruning.federated import ClientData, ClientWorker, GlobalModel
+from pruning.federated import ClientData, ClientWorker, GlobalModel, Job
 from pruning.server import FederatedRun, RunState
 from server_app import protocol
 from server_app.strategy import FedSpaLLMStrategy
@@ -68,9 +69,14 @@ class FakeGrid(Grid):
 
 
 def honest_node(
-    worker: ClientWorker, data: ClientData, budget: int, partition_id: int = -1
+    worker: ClientWorker,
+    data: ClientData,
+    budget: int,
+    partition_id: int = -1,
+    tamper: Callable[[Job, bytes], bytes] | None = None,
 ) -> Behaviour:
-    """A node that answers the query with its budget and prunes what it is told."""
+    """A node that answers the query with its budget and prunes what it is told (and, given
+    ``tamper``, sends ``tamper(job, payload)`` instead: a poisoning client)."""
 
     def behave(msg: Message) -> Message:
         if msg.metadata.message_type == MessageType.QUERY:
@@ -78,7 +84,8 @@ def honest_node(
                 msg, {"max-layers": budget, "partition-id": partition_id}
             )
         job, down = protocol.read_job(msg)
-        return protocol.payload_reply(msg, *worker.run(job, data, down))
+        blob, metrics = worker.run(job, data, down)
+        return protocol.payload_reply(msg, tamper(job, blob) if tamper else blob, metrics)
 
     return behave
 
@@ -138,6 +145,13 @@ def run_strategy(setup: dict, nodes: dict[int, Behaviour], **overrides) -> Feder
     run = FederatedRun(cfg, GlobalModel(cfg.model, cfg.dtype), out)
     FedSpaLLMStrategy(run).run(FakeGrid(nodes))
     return run
+
+
+def partition_data(setup: dict, pid: int, partitions: int) -> ClientData:
+    """Simulated non-IID partitions, as in the default run."""
+    return ClientData(
+        sources=list(SOURCES), partition_id=pid, num_partitions=partitions, root=setup["root"]
+    )
 
 
 def pruned_weights(run: FederatedRun) -> dict[str, torch.Tensor]:
@@ -251,14 +265,13 @@ def test_each_preset_equals_a_reference_built_from_the_engine(
     w, budgets = setup["worker"], [2, 1, 2]
 
     def data(pid: int) -> ClientData:
-        return ClientData(
-            sources=list(SOURCES), partition_id=pid, num_partitions=3, root=setup["root"]
-        )
+        return partition_data(setup, pid, 3)
 
     ids = [907, 15, 433]  # partition 0, 1, 2
     nodes = {n: honest_node(w, data(p), budgets[p], partition_id=p) for p, n in enumerate(ids)}
     run = run_strategy(setup, nodes, method=method, pattern=pattern)
     cfg = run.cfg
+    assert all(r.verdict == "accepted" for rnd in run.state.rounds for r in rnd.replies.values())
 
     if method == "local-only":
         held = reference_plan(cfg, w.num_layers, budgets)
@@ -310,6 +323,106 @@ def test_a_node_that_fails_in_the_refine_phase_leaves_its_layers_to_the_others(
         assert abs(int((run.model.params[key] == 0).sum()) - rows * cols // 2) <= 1
 
 
+ATTACKER = 11  # partition 1 of attacked_run
+
+
+def attacked_run(
+    setup: dict,
+    attack: str | None,
+    phases: tuple[str, ...] = ("prune", "refine"),
+    one_tensor: bool = False,
+    budget: int = 2,
+    **overrides,
+) -> FederatedRun:
+    """The default method on 4 non-IID nodes, partition 1 poisoning its payloads in ``phases``
+    (only one tensor of its lowest layer, with ``one_tensor``; nobody, without an attack)."""
+    w = setup["worker"]
+
+    def tamper(job: Job, blob: bytes) -> bytes:
+        if attack is None or job.phase not in phases:
+            return blob
+        keys = [f"model.layers.{min(job.layers)}.mlp.up_proj.weight"] if one_tensor else ()
+        return poison(blob, attack, w.base, keys)
+
+    nodes = {
+        10 + p: honest_node(
+            w, partition_data(setup, p, 4), budget, p, tamper if 10 + p == ATTACKER else None
+        )
+        for p in range(4)
+    }
+    return run_strategy(setup, nodes, **({"method": "fedspallm"} | overrides))
+
+
+def assert_dropped(run: FederatedRun, rnd: int | None) -> None:
+    """The attacker dropped in round ``rnd`` (``None``: never) and given no work after it, every
+    other reply merged, every layer done in both phases."""
+    for r in run.state.rounds:
+        for node, reply in r.replies.items():
+            dropped = node == ATTACKER and rnd is not None
+            assert reply.ok == (not dropped or r.round < rnd), (r.round, node, reply)
+            assert not dropped or r.round <= rnd
+    assert not run.state.remaining and run.state.phase == 1
+
+
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_a_poisoning_client_is_dropped_and_its_layers_reassigned(setup: dict, attack: str):
+    run = attacked_run(setup, attack)
+    first = run.state.rounds[0]
+    assert_dropped(run, 1)
+    bad = first.replies[ATTACKER]
+    # the dense weights are refused by the payload checks (density), the rest by screening
+    assert bad.reason.startswith("density" if attack == "dense" else "outlier")
+    assert bad.verdict == ("" if attack == "dense" else "outlier")
+    honest = [r for n, r in first.replies.items() if n != ATTACKER]
+    assert all(r.verdict == "accepted" and r.deviation < 1 for r in honest)
+    lost = set(first.assignment[ATTACKER]) - set(first.aggregated)
+    assert lost <= set().union(*run.state.rounds[1].assignment.values())
+    assert run.state.rounds[1].phase == ("prune" if lost else "refine")
+    dropped = run.finish({})["dropped"]
+    assert dropped == [{"round": 1, "node": ATTACKER, "partition-id": 1, "reason": bad.reason}]
+
+
+def test_a_client_poisoning_only_its_refine_payload_is_dropped_there(setup: dict):
+    run = attacked_run(setup, "sign-flip", phases=("refine",))
+    refine = run.state.rounds[1]
+    assert refine.phase == "refine" and refine.replies[ATTACKER].verdict == "outlier"
+    assert_dropped(run, 2)
+
+
+def test_one_poisoned_tensor_drops_the_whole_payload(setup: dict):
+    run = attacked_run(setup, "sign-flip", one_tensor=True)
+    assert "mlp.up_proj" in run.state.rounds[0].replies[ATTACKER].reason
+    assert_dropped(run, 1)
+
+
+@pytest.mark.parametrize(
+    ("pruner", "sparsity", "pattern"),
+    [("sparsegpt", 0.7, ""), ("wanda", 0.5, ""), ("magnitude", 0.5, "2:4")],
+)
+def test_honest_clients_pass_the_screening(setup: dict, pruner: str, sparsity: float, pattern: str):
+    run = attacked_run(setup, None, pruner=pruner, sparsity=sparsity, pattern=pattern)
+    assert_dropped(run, None)
+    replies = [r for rnd in run.state.rounds for r in rnd.replies.values()]
+    assert all(r.verdict == "accepted" for r in replies)
+
+
+def test_robust_aggregators_bound_an_unscreened_attack(setup: dict):
+    """Every node on every layer, screening off: one client's values x100 blow up the l0 mean,
+    not the trimmed mean or the median (30x and 1.25x the base's peak). The refine phase does
+    it: all 4 holders keep the server's mask there, whereas in the prune phase a position kept
+    by fewer than 3 clients is not trimmed (the one-phase fedspallm-paper ends at 30x)."""
+    base = GlobalModel(setup["model"]).params
+    peaks = {}
+    for merge in ("", "l0-trimmed", "l0-median"):
+        run = attacked_run(setup, "scaled-x100", budget=4, screen=False, aggregator=merge)
+        assert all(r.verdict == "unscreened" for r in run.state.rounds[0].replies.values())
+        peaks[merge] = max(
+            float(run.model.params[k].detach().abs().max() / base[k].detach().abs().max())
+            for k in run.model.shapes
+        )
+    assert peaks[""] > 10 and peaks["l0-trimmed"] < 2 and peaks["l0-median"] < 2
+
+
 def test_run_config_is_checked_once_with_named_keys() -> None:
     with pytest.raises(ConfigError, match="method 'fedfoo'"):
         RunConfig.parse({"method": "fedfoo"})
@@ -317,6 +430,12 @@ def test_run_config_is_checked_once_with_named_keys() -> None:
         RunConfig.parse({"sparsty": 0.5})
     with pytest.raises(ConfigError, match="vote-scaling"):
         RunConfig.parse({"method": "fedspallm", "vote-scaling": True})
+    with pytest.raises(ConfigError, match="aggregator replaces the l0 merge"):
+        RunConfig.parse({"method": "fedavg", "aggregator": "l0-median"})
+    with pytest.raises(ConfigError, match="aggregator 'median'"):
+        RunConfig.parse({"aggregator": "median"})
+    with pytest.raises(ConfigError, match="screen-mad"):
+        RunConfig.parse({"screen-mad": 0.0})
     with pytest.raises(ConfigError, match="contradicts"):
         RunConfig.parse({"sparsity": 0.7, "pattern": "2:4"})
     cfg = RunConfig.parse({"calib-sources": "a.txt, b.txt", "sim-max-layers": "3,2"})
