@@ -29,7 +29,7 @@ import torch
 from pruning.attacks import ATTACKS, poison
 from pruning.config import RunConfig
 from pruning.federated import ClientData, ClientWorker, GlobalModel
-from pruning.server import FederatedRun, RunState
+from pruning.server import FederatedRun, RunState, Task
 
 
 def federated(
@@ -47,13 +47,15 @@ def federated(
     }
     for p, budget in enumerate(budgets):
         run.add_node(p, {"max-layers": budget, "partition-id": p})
-    while tasks := run.start_round():
-        for task in tasks:
-            blob, metrics = worker.run(task.job, data[task.node], task.downlink())
-            if attack and task.node == attacker:
-                blob = poison(blob, attack, worker.base)
-            run.receive(task.node, blob, metrics=metrics)
-        run.close_round()
+
+    def work(task: Task) -> tuple[bytes, dict]:
+        down = task.downlink()
+        blob, metrics = worker.run(task.job, data[task.node], down)
+        if attack and task.node == attacker:
+            blob = poison(blob, attack, worker.base, down=down)
+        return blob, metrics
+
+    run.drive(work)
     return run
 
 

@@ -64,8 +64,9 @@ from pruning.evaluate import perplexity
 from pruning.federated import ClientWorker, GlobalModel
 from pruning.models import get_adapter, layer_state, linear_groups, load_layer_state, load_model
 from pruning.pruners import Pruner, make_pruner
+from pruning.report import bytes_totals
 from pruning.sampling import assign_layers
-from pruning.server import FederatedRun
+from pruning.server import FederatedRun, Task
 from pruning.sparsity import Target, as_int, parse_pattern
 
 WIKI, PTB = "wikitext2/wiki.valid.tokens", "ptb/ptb.valid.txt"
@@ -469,20 +470,23 @@ class Lab:
         run = FederatedRun(cfg, GlobalModel("smollm2-135m"), self.dir / f"{name}.run")
         for c, budget in enumerate(self.budgets):
             run.add_node(c + 1, {"partition-id": c, "max-layers": budget})
-        up = seconds = 0
-        while (tasks := run.start_round()) is not None:
-            for task in tasks:
-                log(f"{name} round {len(run.state.rounds)}: node {task.node} {task.job.layers}")
-                data = Calib(self.calib[task.node - 1])
-                blob, metrics = worker.run(task.job, data, task.downlink())
-                up, seconds = up + len(blob), seconds + metrics["seconds"]
-                run.receive(task.node, blob, metrics=metrics)
-            run.close_round()
-        state = layer_state(run.model.model, range(self.n))
+
+        def work(task: Task) -> tuple[bytes, dict]:
+            log(f"{name} round {len(run.state.rounds)}: node {task.node} {task.job.layers}")
+            return worker.run(task.job, Calib(self.calib[task.node - 1]), task.downlink())
+
+        run.drive(work)
+        moved = bytes_totals(run.state.to_dict()["rounds"])
+        state = {
+            k: v.detach().clone() for k, v in layer_state(run.model.model, range(self.n)).items()
+        }
+        seconds = sum(
+            e.metrics.get("seconds", 0) for r in run.state.rounds for e in r.replies.values()
+        )
         self.store(
             name,
-            {k: v.detach().clone() for k, v in state.items()},
-            {"upload": up, "seconds": seconds},
+            state,
+            {"upload": moved["total_up"], "download": moved["total_down"], "seconds": seconds},
         )
 
     # ------------------------------------------------------------------ evaluation

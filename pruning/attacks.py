@@ -11,7 +11,7 @@ from collections.abc import Callable, Collection, Mapping
 
 import torch
 
-from .payload import DENSITY_SLACK, decode_payload, encode_payload
+from .payload import DENSITY_SLACK, Expected, decode_payload, encode_payload
 
 # (kept weight, keep mask, dense base weight, density limit) -> poisoned (weight, mask)
 Attack = Callable[
@@ -45,10 +45,17 @@ ATTACKS: dict[str, Attack] = {
 
 
 def poison(
-    blob: bytes, attack: str, base: Mapping[str, torch.Tensor], keys: Collection[str] = ()
+    blob: bytes,
+    attack: str,
+    base: Mapping[str, torch.Tensor],
+    keys: Collection[str] = (),
+    down: bytes | None = None,
 ) -> bytes:
-    """The payload ``blob`` with ``attack`` applied to its tensors (only ``keys``, if given)."""
-    decoded = decode_payload(blob)
+    """The payload ``blob`` with ``attack`` applied to its tensors (only ``keys``, if given);
+    ``down``, the job's downlink, gives the masks a (maskless) refine payload fills."""
+    masks_of = decode_payload(down).masks.get if down else None
+    shapes = {k: tuple(v.shape) for k, v in base.items()}
+    decoded = decode_payload(blob, Expected(shapes, masks=masks_of))
     limit = 1.0 - decoded.meta.sparsity + DENSITY_SLACK
     weights, masks = {}, {}
     for key in decoded.keys:

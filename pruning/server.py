@@ -258,6 +258,15 @@ class FederatedRun:
         self.payloads, self.round_started = {}, time.perf_counter()
         return tasks
 
+    def drive(self, work: Callable[[Task], tuple[bytes, dict]]) -> None:
+        """Every round in this process, ``work`` doing each task's job: the engine without
+        Flower's transport (benchmarks)."""
+        while (tasks := self.start_round()) is not None:
+            for task in tasks:
+                blob, metrics = work(task)
+                self.receive(task.node, blob, metrics=metrics)
+            self.close_round()
+
     def _downlink(self, node: int, layers: list[int]) -> bytes | None:
         if not layers:
             return None

@@ -74,6 +74,13 @@ def test_one_tensor_that_stands_out_of_its_pool_drops_the_payload():
     assert "pool median 0.2" in verdicts[3].reason
 
 
+def test_the_pool_test_never_cuts_below_half_the_bound():
+    """Refine pools mix near-exact re-solves (~0) with real moves; the latter are honest."""
+    rows = [[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.6], [0.0, 0.0, 0.0, 0.0]]
+    assert all(v.accepted for v in screen(pool(rows), 6.0, 1.25).values())
+    assert not screen(pool([*rows, [0.0, 0.7]]), 6.0, 1.25)[3].accepted
+
+
 @pytest.mark.parametrize("level", [0.0, 0.0017, 0.2])
 def test_near_identical_honest_deviations_do_not_trip_the_pool(level: float):
     """The MAD is floored (a quarter of the median, and 0.01): exact copies and rounding noise

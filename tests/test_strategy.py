@@ -73,10 +73,10 @@ def honest_node(
     data: ClientData,
     budget: int,
     partition_id: int = -1,
-    tamper: Callable[[Job, bytes], bytes] | None = None,
+    tamper: Callable[[Job, bytes, bytes | None], bytes] | None = None,
 ) -> Behaviour:
     """A node that answers the query with its budget and prunes what it is told (and, given
-    ``tamper``, sends ``tamper(job, payload)`` instead: a poisoning client)."""
+    ``tamper``, sends ``tamper(job, payload, downlink)`` instead: a poisoning client)."""
 
     def behave(msg: Message) -> Message:
         if msg.metadata.message_type == MessageType.QUERY:
@@ -85,7 +85,7 @@ def honest_node(
             )
         job, down = protocol.read_job(msg)
         blob, metrics = worker.run(job, data, down)
-        return protocol.payload_reply(msg, tamper(job, blob) if tamper else blob, metrics)
+        return protocol.payload_reply(msg, tamper(job, blob, down) if tamper else blob, metrics)
 
     return behave
 
@@ -338,11 +338,11 @@ def attacked_run(
     (only one tensor of its lowest layer, with ``one_tensor``; nobody, without an attack)."""
     w = setup["worker"]
 
-    def tamper(job: Job, blob: bytes) -> bytes:
+    def tamper(job: Job, blob: bytes, down: bytes | None) -> bytes:
         if attack is None or job.phase not in phases:
             return blob
         keys = [f"model.layers.{min(job.layers)}.mlp.up_proj.weight"] if one_tensor else ()
-        return poison(blob, attack, w.base, keys)
+        return poison(blob, attack, w.base, keys, down)
 
     nodes = {
         10 + p: honest_node(
