@@ -5,6 +5,12 @@ up to the last chosen one is moved to the device, and, if chosen, its linears' i
 recorded with forward hooks, the linears are pruned, and the layer is run again so the next
 layer sees the outputs of the *pruned* layer. Layers not chosen are only propagated. Only one
 decoder layer is on the accelerator at a time.
+
+A *refinement* (``start`` given) runs each chosen layer once, as it is loaded (the merged,
+already sparse layer the server sent): that one pass records its linears' inputs and feeds the
+next layer, so statistics and inputs are those of the merged model. Each linear then restarts
+from ``start(key)`` (the dense base weight) and is solved for its fixed mask: one forward pass
+per layer instead of two.
 """
 
 from __future__ import annotations
@@ -43,7 +49,9 @@ class PruneConfig:
 class LayerReport:
     index: int
     seconds: float
-    rel_error: float  # ‖Y_dense − Y_pruned‖ / ‖Y_dense‖ of the layer's output
+    # ‖Y_dense − Y_pruned‖ / ‖Y_dense‖ of the layer's output; None for a refinement, which
+    # saves the extra forward pass that would measure it
+    rel_error: float | None
     sparsity: dict[str, float] = field(default_factory=dict)  # linear name -> pruned fraction
     masks: dict[str, torch.Tensor] = field(default_factory=dict)  # state-dict key -> keep mask
 
@@ -128,11 +136,12 @@ def _forward(
 
 
 @torch.no_grad()
-def _prune_group(layer, names, inps, kwargs, cfg, target_of, device, collect):
+def _prune_group(layer, names, inps, kwargs, cfg, target_of, device, collect, start=None):
     """Record the inputs of ``names`` over all calibration batches, then prune them.
 
-    With ``collect`` the layer runs to the end and its (still dense) outputs are returned;
+    With ``collect`` the layer runs to the end and its outputs (before pruning) are returned;
     otherwise the forward pass stops as soon as every linear of the group has seen its input.
+    ``start`` maps a linear's name to the weight its pruning starts from (default: its own).
     """
     modules = {n: layer.get_submodule(n) for n in names}
     pruners = {
@@ -173,7 +182,8 @@ def _prune_group(layer, names, inps, kwargs, cfg, target_of, device, collect):
                 h.remove()
     masks = {}
     for n, m in modules.items():
-        result = pruners[n].prune(m.weight.data, target_of(n))
+        weight = m.weight.data if start is None else start(n).to(m.weight.device, m.weight.dtype)
+        result = pruners[n].prune(weight, target_of(n))
         m.weight.data = result.weight
         masks[n] = result.mask.cpu()
     return masks, outs
@@ -188,11 +198,14 @@ def prune_layers(
     device: torch.device | str | None = None,
     progress: bool = True,
     targets: Callable[[str], Target] | None = None,
+    start: Callable[[str], torch.Tensor] | None = None,
 ) -> PruneReport:
     """Prune the decoder layers in ``layer_ids`` in place; every other layer stays bit-identical.
 
     ``calib`` is a ``[N, seqlen]`` token tensor. Layers after the last chosen one are not run.
     ``targets`` maps a weight's state-dict key to its :class:`Target` (default: ``cfg``'s).
+    ``start`` makes it a refinement (see the module docstring): it maps a weight's key to the
+    weight each chosen linear is solved from, on the statistics of the layer as loaded.
     """
     default = cfg.target()
     targets = targets or (lambda key: default)
@@ -205,7 +218,7 @@ def prune_layers(
     report = PruneReport(tokens=int(calib.numel()))
     if not chosen:
         return report
-    start = time.perf_counter()
+    began = time.perf_counter()
     use_cache = getattr(model.config, "use_cache", False)
     model.config.use_cache = False
     inps, kwargs = capture_inputs(model, calib, device, cfg.batch_size)
@@ -219,7 +232,8 @@ def prune_layers(
                 t0 = time.perf_counter()
                 masks, dense = {}, None
                 prefix = adapter.prefix(i)
-                for names in linear_groups(layer, adapter, cfg.true_sequential):
+                # a refinement records every linear in its one pass
+                for names in linear_groups(layer, adapter, cfg.true_sequential and start is None):
                     group_masks, outs = _prune_group(
                         layer,
                         names,
@@ -229,18 +243,25 @@ def prune_layers(
                         lambda n, p=prefix: targets(f"{p}{n}.weight"),
                         device,
                         collect=dense is None,
+                        start=start and (lambda n, p=prefix: start(f"{p}{n}.weight")),
                     )
                     masks.update(group_masks)
                     dense = dense if dense is not None else outs
-                inps = _forward(layer, inps, kwargs)
-                num = sum(
-                    float((d - o).float().pow(2).sum()) for d, o in zip(dense, inps, strict=True)
-                )
-                den = sum(float(d.float().pow(2).sum()) for d in dense)
+                rel_error = None
+                if start is None:
+                    inps = _forward(layer, inps, kwargs)
+                    num = sum(
+                        float((d - o).float().pow(2).sum())
+                        for d, o in zip(dense, inps, strict=True)
+                    )
+                    den = sum(float(d.float().pow(2).sum()) for d in dense)
+                    rel_error = (num / den) ** 0.5 if den else 0.0
+                else:
+                    inps = dense
                 report.layers[i] = LayerReport(
                     index=i,
                     seconds=time.perf_counter() - t0,
-                    rel_error=(num / den) ** 0.5 if den else 0.0,
+                    rel_error=rel_error,
                     sparsity={n: 1.0 - float(m.float().mean()) for n, m in masks.items()},
                     masks={f"{prefix}{n}.weight": m for n, m in masks.items()},
                 )
@@ -251,7 +272,7 @@ def prune_layers(
     finally:
         model.config.use_cache = use_cache
         bar(None)
-    report.seconds = time.perf_counter() - start
+    report.seconds = time.perf_counter() - began
     return report
 
 
@@ -265,10 +286,9 @@ def _progress(total: int, enabled: bool):
         if layer is None:
             bar.close()
             return
-        bar.set_postfix(layer=layer.index, sec=f"{layer.seconds:.1f}", err=f"{layer.rel_error:.3f}")
+        err = "-" if layer.rel_error is None else f"{layer.rel_error:.4f}"
+        bar.set_postfix(layer=layer.index, sec=f"{layer.seconds:.1f}", err=err)
         bar.update()
-        log.info(
-            "layer %d pruned in %.1fs, rel. error %.4f", layer.index, layer.seconds, layer.rel_error
-        )
+        log.info("layer %d pruned in %.1fs, rel. error %s", layer.index, layer.seconds, err)
 
     return update

@@ -155,28 +155,34 @@ class ClientWorker:
         ``prune``: the job's layers are pruned to the target on top of the base model and the
         aggregated layers sent down (``scope="all"`` prunes the others below them too).
         ``refine``: the server sent the merged model; the job's layers start again from their
-        dense base weights and only the kept values of the merged masks are solved, on inputs
-        that flow through the merged layers below, as they will in the final model.
+        dense base weights and only the kept values of the merged masks are solved, on the
+        inputs each linear sees in the merged model (one pass through it).
         """
         start = time.perf_counter()
         load_layer_state(self.model, self.base)
         decoded = decode_payload(global_blob, Expected(shapes=self.shapes)) if global_blob else None
-        targets = None
+        targets = solve_from = None
         if job.phase == "refine":
             if decoded is None or not set(job.layers) <= set(decoded.meta.layers):
                 raise ValueError("a refine job needs the merged masks of its layers")
-            own = set(layer_state(self.model, job.layers))
             masks = decoded.masks
-            load_layer_state(self.model, {k: w for k, w in decoded.weights.items() if k not in own})
             targets = lambda key: Target.fixed(masks[key])  # noqa: E731 - one use, read inline
-        elif decoded is not None:
+            solve_from = self.base.__getitem__  # each job layer is re-solved from its dense weights
+        if decoded is not None:
             load_layer_state(self.model, dict(decoded.weights))
         layers = set(job.layers)
         if job.phase == "prune" and job.scope == "all" and layers:
             layers |= set(range(max(layers) + 1)) - set(decoded.meta.layers if decoded else ())
         calib = data.calibration(self.tokenizer, job)
         report = prune_layers(
-            self.model, calib, sorted(layers), job.prune_config(), self.device, False, targets
+            self.model,
+            calib,
+            sorted(layers),
+            job.prune_config(),
+            self.device,
+            False,
+            targets,
+            solve_from,
         )
         masks = report.masks()
         wire = DTYPES[job.transport_dtype] if job.transport_dtype else None
@@ -191,13 +197,13 @@ class ClientWorker:
             phase=job.phase,
         )
         blob = encode_payload(weights, meta, {k: masks[k] for k in weights})
-        errors = [report.layers[i].rel_error for i in job.layers]
+        errors = [e for i in job.layers if (e := report.layers[i].rel_error) is not None]
         metrics = {
             "tokens": report.tokens,
             "prune-seconds": report.seconds,
             "seconds": time.perf_counter() - start,
             "payload-bytes": len(blob),
-            "rel-error": sum(errors) / len(errors) if errors else 0.0,
+            "rel-error": sum(errors) / len(errors) if errors else 0.0,  # 0: not measured
             "layers": len(job.layers),
             "layers-pruned": len(layers),
         }

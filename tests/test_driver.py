@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM
 from pruning.data import get_calibration
 from pruning.driver import PruneConfig, PruneReport, prune_layers
 from pruning.models import get_adapter, linear_groups, load_model, prunable_shapes
-from pruning.pruners import METHODS
-from pruning.sparsity import SparsityError, nm_valid, parse_pattern, prune_count
+from pruning.pruners import METHODS, SparseGPTPruner
+from pruning.sparsity import SparsityError, Target, nm_valid, parse_pattern, prune_count
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -170,6 +170,49 @@ def test_pruning_in_two_calls_equals_one(tiny) -> None:
     prune_layers(split, calib, [1], cfg, "cpu", False)
     joint_state, split_state = joint.state_dict(), split.state_dict()
     assert all(torch.equal(joint_state[k], split_state[k]) for k in joint_state)
+
+
+def test_refinement_solves_from_start_on_one_pass_through_the_loaded_layers(tiny, runs) -> None:
+    """``start``: each chosen layer runs once as loaded (a merged sparse layer); its linears are
+    re-solved from the dense weights for their fixed masks on the inputs they saw in that pass,
+    which a brute-force reference records with hooks on the whole merged model."""
+    model, _, calib = tiny
+    merged_state, masks = runs("sparsegpt", "0.5").pruned, runs("sparsegpt", "0.5").report.masks()
+    dense = state(model)
+    merged = copy.deepcopy(model)
+    merged.load_state_dict(merged_state)
+    adapter = get_adapter(merged)
+    layers = adapter.layers(merged)
+    calls = [0] * len(layers)
+    inputs: dict[str, list[torch.Tensor]] = {k: [] for k in masks}
+    for i, layer in enumerate(layers):
+        layer.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    for key in masks:
+        merged.get_submodule(key.removesuffix(".weight")).register_forward_hook(
+            lambda _m, args, _o, key=key: inputs[key].append(args[0])
+        )
+    cfg = config("sparsegpt", "0.5")
+    targets = {k: Target.fixed(m) for k, m in masks.items()}
+    report = prune_layers(
+        merged, calib, CHOSEN, cfg, "cpu", False, targets.__getitem__, dense.__getitem__
+    )
+    batches = -(-NSAMPLES // cfg.batch_size)
+    assert calls[: CHOSEN[-1] + 1] == [batches] * (CHOSEN[-1] + 1)  # one pass, no re-run
+    assert set(report.masks()) == set(masks)
+    refined = state(merged)
+    for key, value in refined.items():
+        if key not in masks:
+            assert torch.equal(value, merged_state[key]), f"{key} is not a refined weight"
+            continue
+        assert torch.equal(report.masks()[key], masks[key]) and torch.equal(value != 0, masks[key])
+        ref = SparseGPTPruner(value.shape[1], torch.device("cpu"))
+        for x in inputs[key]:
+            ref.add_batch(x)
+        expected = ref.prune(dense[key], Target.fixed(masks[key])).weight
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+    # the attention output sees the merged (pruned) q/k/v here, not the dense ones it was pruned on
+    assert any(not torch.equal(refined[k], merged_state[k]) for k in masks)
+    assert all(r.rel_error is None for r in report.layers.values())
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
