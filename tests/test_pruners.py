@@ -175,6 +175,17 @@ def test_sparsegpt_matches_explicit_obs_reference(
     torch.testing.assert_close(result.weight.double(), expected_w, rtol=1e-3, atol=1e-4)
 
 
+def test_sparsegpt_flushes_denormals_only_while_it_solves() -> None:
+    """The solve runs with denormals flushed (the reference tests above cover its results);
+    afterwards the process is back to IEEE arithmetic, also when the solve raised."""
+    w, x = weight(8, 40), inputs(cols=40)
+    fitted("sparsegpt", x).prune(w, Target(0.5))
+    assert float(torch.tensor(1e-39) * 1.0) != 0.0
+    with pytest.raises(RuntimeError):  # a fixed mask of the wrong shape fails inside the solve
+        fitted("sparsegpt", x).prune(w, Target.fixed(torch.ones(3, 3, dtype=torch.bool)))
+    assert float(torch.tensor(1e-39) * 1.0) != 0.0
+
+
 @pytest.mark.parametrize("dead", [[3], list(range(COLS))], ids=["one-column", "all-columns"])
 def test_sparsegpt_dead_inputs_warn_and_zero_their_weights(dead: list[int]) -> None:
     w, x = weight(), inputs()
