@@ -145,9 +145,12 @@ class SparseGPTPruner(Pruner):
         keep = torch.ones_like(W, dtype=torch.bool)
         for i1 in range(0, cols, self.blocksize):
             i2 = min(i1 + self.blocksize, cols)
-            W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+            # the block is swept column by column: hold it transposed, so that each column and
+            # the columns after it are contiguous rows (strided rank-1 updates are ~6x slower)
+            T1, Hinv1 = W[:, i1:i2].t().contiguous(), Hinv[i1:i2, i1:i2]
+            W1 = T1.t()  # the block as [rows, columns], a view of T1
             d = torch.diag(Hinv1)
-            Err1 = torch.zeros_like(W1)
+            Err1 = torch.zeros_like(T1)
             if fixed is not None:  # refinement: the mask is given, only compensate
                 keep1 = fixed[:, i1:i2].to(W.device)
             elif pattern is None:  # block budget by cumulative rounding: exact for the matrix
@@ -160,13 +163,13 @@ class SparseGPTPruner(Pruner):
                 if pattern is not None and i % pattern.m == 0:
                     g = slice(i, i + pattern.m)
                     keep1[:, g] = keep_nm(W1[:, g] ** 2 / d[g] ** 2, pattern)
-                w = W1[:, i]
+                w = T1[i]
                 err = (w - w * keep1[:, i]) / d[i]
-                W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
-                Err1[:, i] = err
+                T1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
+                Err1[i] = err
             W[:, i1:i2] = W1 * keep1
             keep[:, i1:i2] = keep1
-            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+            W[:, i2:] -= Err1.t() @ Hinv[i1:i2, i2:]
         if not torch.isfinite(W).all():
             warnings.warn(
                 "SparseGPT: non-finite update; keeping the mask without compensation", stacklevel=2
