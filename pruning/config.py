@@ -79,6 +79,7 @@ class RunConfig(PruneSpec):
     screen: bool = True  # drop payloads whose deviation from the server's weights stands out
     screen_mad: float = 6.0  # k of the pooled test: median + k * 1.4826 * MAD
     screen_max_deviation: float = 1.25  # absolute bound on a tensor's relative deviation
+    resume: str = ""  # run directory of an interrupted run to continue ("": a new run)
 
     @classmethod
     def parse(cls, values: Mapping[str, Any]) -> RunConfig:
@@ -132,6 +133,10 @@ class RunConfig(PruneSpec):
         if self.screen_mad <= 0 or self.screen_max_deviation <= 0:
             raise ConfigError("screen-mad and screen-max-deviation must be positive")
         return self
+
+    def values(self) -> dict[str, Any]:
+        """The kebab-case run config that :meth:`parse` reads back (report, ``state.json``)."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
 
     @property
     def data_root(self) -> Path | None:

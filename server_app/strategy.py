@@ -30,8 +30,10 @@ class FedSpaLLMStrategy(Strategy):
         self._sent: dict[str, int] = {}  # message id -> node, for the open round
 
     def run(self, grid: Grid) -> None:
-        """Query resources, then prune round by round until every layer is covered."""
+        """Query resources (and continue a resumed run with the nodes that answered), then
+        prune round by round until every layer is covered."""
         self.query_resources(grid)
+        self.fed.restore()
         while tasks := self.fed.start_round():
             for node, reply in self._stream(grid, self._messages(tasks)):
                 self.fed.receive(node, *protocol.read_payload(reply))
