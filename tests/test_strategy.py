@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from helpers import reference_output, reference_plan, reference_run
 
 from pruning.attacks import ATTACKS, poison
+from pruning.checkpoint import STOP_AFTER_ROUND, Checkpoint, ResumeError, Stopped
 from pruning.config import ConfigError, RunConfig
 from pruning.federated import ClientData, ClientWorker, GlobalModel, Job
 from pruning.server import FederatedRun, RunState
@@ -179,6 +181,64 @@ def test_state_is_written_each_round_and_the_spool_is_released(setup: dict) -> N
     saved = RunState.from_dict(__import__("json").loads((run.out / "state.json").read_text()))
     assert saved == run.state and len(saved.rounds) == 4 and not saved.remaining
     assert not any((run.out / "spool").glob("round-*/*")), "merged payloads stay on disk"
+
+
+@pytest.mark.parametrize("method", ["fedspallm", "fedspallm-sampled"])
+def test_an_interrupted_run_resumes_to_the_same_model(setup: dict, method: str, monkeypatch):
+    """Budgets below the layer count, and partition 2 fails its first job: the prune phase
+    takes two rounds, then the refine phase one. Stopped after round 1 or 2 (as a crash right
+    after the round's checkpoint) and resumed by a new FederatedRun whose nodes have new ids
+    (as in a new simulation), the run plays the same rounds (the failed node stays out) and
+    ends with the same weights, bit for bit, as the uninterrupted run."""
+    w = setup["worker"]
+
+    def nodes(ids: list[int]) -> dict[int, Behaviour]:
+        made = {n: honest_node(w, partition_data(setup, p, 3), 1, p) for p, n in enumerate(ids)}
+        made[ids[2]] = failing_after_query(made[ids[2]], "error")
+        return made
+
+    def by_partition(run: FederatedRun, ids: list[int]) -> list[dict]:
+        return [{ids.index(n): v for n, v in r.assignment.items()} for r in run.state.rounds]
+
+    whole = run_strategy(setup, nodes([1, 2, 3]), method=method)
+    assert [r.phase for r in whole.state.rounds] == ["prune", "prune", "refine"]
+    assert not whole.state.rounds[0].replies[3].ok and 3 not in whole.state.rounds[1].assignment
+    for stop in (1, 2):
+        cfg = config(setup, 3, method=method)
+        out = setup["out"] / uuid.uuid4().hex
+        monkeypatch.setenv(STOP_AFTER_ROUND, str(stop))
+        with pytest.raises(Stopped, match=f"after round {stop}"):
+            FedSpaLLMStrategy(FederatedRun(cfg, GlobalModel(cfg.model), out)).run(
+                FakeGrid(nodes([1, 2, 3]))
+            )
+        monkeypatch.delenv(STOP_AFTER_ROUND)
+        saved = Checkpoint(out).read_state(cfg)
+        last = RunState.from_dict(saved).last_merged()
+        files = {p.name for p in (out / "checkpoint").iterdir()}
+        assert files == {f"layer-{i}.round-{r}.safetensors" for i, r in last.items()}
+        assert len(last) == (2 if stop == 1 else 4)
+        resumed = FederatedRun(cfg, GlobalModel(cfg.model), out, saved)
+        FedSpaLLMStrategy(resumed).run(FakeGrid(nodes([70, 80, 90])))
+        assert by_partition(resumed, [70, 80, 90]) == by_partition(whole, [1, 2, 3])
+        expected = pruned_weights(whole)
+        assert all(torch.equal(v, expected[k]) for k, v in pruned_weights(resumed).items())
+
+
+def test_a_resume_refuses_another_config_or_a_missing_state(setup: dict, tmp_path: Path):
+    cfg = config(setup, 1, method="fedspallm")
+    w, d = setup["worker"], setup["data"]
+    run = FederatedRun(cfg, GlobalModel(cfg.model), tmp_path / "run")
+    FedSpaLLMStrategy(run).run(FakeGrid({1: honest_node(w, d, 4)}))
+    saved = Checkpoint(run.out)
+    harmless = replace(cfg, resume=str(run.out), round_timeout=9.0, eval_max_windows=2)
+    assert saved.read_state(harmless)["rounds"]
+    with pytest.raises(ResumeError, match="config.*sparsity .saved 0.5, now 0.6.*seed"):
+        saved.read_state(replace(cfg, sparsity=0.6, seed=4))
+    with pytest.raises(ResumeError) as err:
+        Checkpoint(tmp_path / "elsewhere").read_state(cfg)
+    assert err.value.reason == "no-state"
+    with pytest.raises(ResumeError, match="local-only"):
+        FederatedRun(replace(cfg, method="local-only"), run.model, run.out, {"rounds": []})
 
 
 def test_simulated_nodes_are_sampled_by_partition_not_by_random_node_id(setup: dict) -> None:
