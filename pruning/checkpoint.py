@@ -34,6 +34,7 @@ HARMLESS = frozenset(
         "out-dir",
         "data-dir",
         "round-timeout",
+        "max-message-mb",
         "node-wait-timeout",
         "min-nodes",
         "num-server-rounds",

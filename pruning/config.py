@@ -73,6 +73,8 @@ class RunConfig(PruneSpec):
     round_timeout: float = 3600.0
     node_wait_timeout: float = 600.0
     max_payload_mb: float = 0.0
+    # a larger payload stays on its node and is fetched in parts of this size (0: never)
+    max_message_mb: float = 256.0
     text_field: str = "text"
     # "": each phase's own merge; "l0-trimmed" / "l0-median" replace the l0 mean
     aggregator: str = ""

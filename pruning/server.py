@@ -14,6 +14,7 @@ Flower.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import resource
@@ -30,6 +31,7 @@ from .config import RunConfig
 from .federated import GlobalModel, Job
 from .methods import METHODS
 from .models import DTYPES
+from .parts import Parts
 from .payload import Expected, PayloadError, StoredPayload
 from .report import bytes_totals
 from .sampling import Assignment, assign_layers, budget_from_resources
@@ -165,30 +167,51 @@ class Task:
 class PayloadStore:
     """Checked payloads on disk, ``<run>/spool/round-<r>/node-<id>.safetensors``.
 
-    A payload is written as received, validated from the file and kept only if valid; merges
-    read it back one tensor at a time, so server memory does not grow with the number of
-    clients. A round's folder is removed once its layers are merged.
+    A payload is written as received (or part by part, as fetched), validated from the file and
+    kept only if valid; merges read it back one tensor at a time, so server memory does not
+    grow with the number of clients. A round's folder is removed once its layers are merged.
     """
 
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def put(self, rnd: int, node: int, blob: bytes, expected: Expected) -> StoredPayload:
+    def put(self, rnd: int, node: int, blob: bytes | Parts, expected: Expected) -> StoredPayload:
         path = self.root / f"round-{rnd}" / f"node-{node}.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(blob)
         try:
+            if isinstance(blob, Parts):
+                _fetch_to(path, blob, expected)
+            else:
+                path.write_bytes(blob)
             payload = StoredPayload(path, expected)
             missing = set(expected.layers or ()) - set(payload.meta.layers)
             if missing:
                 raise PayloadError("unassigned-layer", f"layers {sorted(missing)} missing")
         except PayloadError:
-            path.unlink()
+            path.unlink(missing_ok=True)
             raise
         return payload
 
     def drop(self, rnd: int) -> None:
         shutil.rmtree(self.root / f"round-{rnd}", ignore_errors=True)
+
+
+def _fetch_to(path: Path, parts: Parts, expected: Expected) -> None:
+    """Append every part of a payload to ``path``, checking the announced size against the cap
+    before the first fetch, each part's length, and the whole file's SHA-256."""
+    manifest = parts.manifest
+    if expected.max_bytes is not None and manifest.size > expected.max_bytes:
+        raise PayloadError("too-large", f"{manifest.size} bytes > limit {expected.max_bytes}")
+    digest = hashlib.sha256()
+    with path.open("wb") as fh:
+        for index in range(manifest.count):
+            data = parts.fetch(index)
+            if len(data) != manifest.part_size(index):
+                raise PayloadError("parts", f"part {index} has {len(data)} bytes")
+            digest.update(data)
+            fh.write(data)
+    if digest.hexdigest() != manifest.sha256:
+        raise PayloadError("parts", "the fetched parts do not match the announced SHA-256")
 
 
 def _holders_plan(
@@ -364,9 +387,14 @@ class FederatedRun:
         return blob
 
     def receive(
-        self, node: int, blob: bytes | None, error: str | None = None, metrics: dict | None = None
+        self,
+        node: int,
+        blob: bytes | Parts | None,
+        error: str | None = None,
+        metrics: dict | None = None,
     ) -> None:
-        """Check one reply against its node's job and store it; failures are logged, not raised."""
+        """Check one reply (its payload, or the parts to fetch it by) against its node's job
+        and store it; failures are logged, not raised."""
         current = self.state.rounds[-1]
         if node not in current.assignment:
             log.warning("ignoring a reply from node %d, which had no job", node)
@@ -379,7 +407,7 @@ class FederatedRun:
         if blob is None:
             entry.reason = "reply carries no payload"
             return
-        entry.bytes_up = len(blob)
+        entry.bytes_up = blob.manifest.size if isinstance(blob, Parts) else len(blob)
         try:
             self.payloads[node] = self.store.put(
                 current.round, node, blob, self._expected(self.jobs[node])

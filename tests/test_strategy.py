@@ -20,6 +20,7 @@ from pruning.attacks import ATTACKS, poison
 from pruning.checkpoint import STOP_AFTER_ROUND, Checkpoint, ResumeError, Stopped
 from pruning.config import ConfigError, RunConfig
 from pruning.federated import ClientData, ClientWorker, GlobalModel, Job
+from pruning.parts import PartStore
 from pruning.server import FederatedRun, RunState
 from server_app import protocol
 from server_app.strategy import FedSpaLLMStrategy
@@ -222,6 +223,52 @@ def test_an_interrupted_run_resumes_to_the_same_model(setup: dict, method: str, 
         assert by_partition(resumed, [70, 80, 90]) == by_partition(whole, [1, 2, 3])
         expected = pruned_weights(whole)
         assert all(torch.equal(v, expected[k]) for k, v in pruned_weights(resumed).items())
+
+
+def in_parts(node: Behaviour, store: PartStore, part_bytes: int, tamper: bool = False):
+    """``node``, leaving each payload over ``part_bytes`` on its disk and serving it part by
+    part, as the ClientApp does above ``max-message-mb`` (``tamper``: parts reversed)."""
+
+    def behave(msg: Message) -> Message | None:
+        if msg.metadata.message_type == f"{MessageType.QUERY}.{protocol.FETCH}":
+            data = store.part(*protocol.read_fetch(msg))
+            return protocol.part_reply(msg, data[::-1] if tamper else data)
+        reply = node(msg)
+        if msg.metadata.message_type != MessageType.TRAIN:
+            return reply
+        blob, _, metrics = protocol.read_payload(reply)
+        if len(blob) <= part_bytes:
+            return reply
+        return protocol.parts_reply(
+            msg, store.put(msg.metadata.message_id, blob, part_bytes), metrics
+        )
+
+    return behave
+
+
+def test_large_payloads_are_fetched_in_parts_to_the_same_model(setup: dict, tmp_path: Path):
+    """Payloads over the part size arrive in many small messages: same model, same bytes
+    counted, nothing left on the node; a part that does not match drops the payload."""
+    w, d = setup["worker"], setup["data"]
+    store = PartStore(tmp_path / "node")
+    whole = run_strategy(
+        setup, {1: honest_node(w, d, 2), 2: honest_node(w, d, 4)}, method="fedspallm"
+    )
+    nodes = {1: honest_node(w, d, 2), 2: in_parts(honest_node(w, d, 4), store, 4096)}
+    grid = FakeGrid(nodes)
+    cfg = config(setup, 2, method="fedspallm")
+    parted = FederatedRun(cfg, GlobalModel(cfg.model), setup["out"] / uuid.uuid4().hex)
+    FedSpaLLMStrategy(parted).run(grid)
+    expected = pruned_weights(whole)
+    assert all(torch.equal(v, expected[k]) for k, v in pruned_weights(parted).items())
+    sent = [r.replies[2].bytes_up for r in parted.state.rounds]
+    assert sent == [r.replies[2].bytes_up for r in whole.state.rounds] and min(sent) > 4096
+    assert grid.pulls >= 2 + sum(-(-b // 4096) for b in sent)  # one message per part
+    assert not list(store.root.iterdir()), "fetched payloads stay on the node"
+
+    nodes[2] = in_parts(honest_node(w, d, 4), store, 4096, tamper=True)
+    bad = run_strategy(setup, nodes, method="fedspallm")
+    assert "parts" in bad.state.rounds[0].replies[2].reason and bad.state.rounds[0].replies[1].ok
 
 
 def test_a_resume_refuses_another_config_or_a_missing_state(setup: dict, tmp_path: Path):
