@@ -11,6 +11,7 @@ from flwr.clientapp import ClientApp
 
 from pruning.config import RunConfig
 from pruning.federated import ClientData, ClientWorker
+from pruning.parts import PartStore
 from server_app import protocol
 
 log = logging.getLogger("fedspallm.client")
@@ -75,4 +76,17 @@ def train(msg: Message, context: Context) -> Message:
         log.error("pruning job failed: %s", traceback.format_exc())
         return protocol.error_reply(msg, f"{type(err).__name__}: {err}")
     log.info("round %d: sending %d bytes after %.1fs", job.round, len(blob), metrics["seconds"])
+    part_bytes = int(cfg.max_message_mb * 2**20)
+    if 0 < part_bytes < len(blob):  # too large for one message: the server fetches it in parts
+        manifest = PartStore().put(msg.metadata.message_id, blob, part_bytes)
+        return protocol.parts_reply(msg, manifest, metrics)
     return protocol.payload_reply(msg, blob, metrics)
+
+
+@app.query(protocol.FETCH)
+def fetch(msg: Message, context: Context) -> Message:
+    """One part of a payload this node keeps for the server (see ``pruning/parts.py``)."""
+    try:
+        return protocol.part_reply(msg, PartStore().part(*protocol.read_fetch(msg)))
+    except (OSError, KeyError, ValueError) as err:
+        return protocol.error_reply(msg, f"{type(err).__name__}: {err}")

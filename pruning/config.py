@@ -73,12 +73,15 @@ class RunConfig(PruneSpec):
     round_timeout: float = 3600.0
     node_wait_timeout: float = 600.0
     max_payload_mb: float = 0.0
+    # a larger payload stays on its node and is fetched in parts of this size (0: never)
+    max_message_mb: float = 256.0
     text_field: str = "text"
     # "": each phase's own merge; "l0-trimmed" / "l0-median" replace the l0 mean
     aggregator: str = ""
     screen: bool = True  # drop payloads whose deviation from the server's weights stands out
     screen_mad: float = 6.0  # k of the pooled test: median + k * 1.4826 * MAD
     screen_max_deviation: float = 1.25  # absolute bound on a tensor's relative deviation
+    resume: str = ""  # run directory of an interrupted run to continue ("": a new run)
 
     @classmethod
     def parse(cls, values: Mapping[str, Any]) -> RunConfig:
@@ -132,6 +135,10 @@ class RunConfig(PruneSpec):
         if self.screen_mad <= 0 or self.screen_max_deviation <= 0:
             raise ConfigError("screen-mad and screen-max-deviation must be positive")
         return self
+
+    def values(self) -> dict[str, Any]:
+        """The kebab-case run config that :meth:`parse` reads back (report, ``state.json``)."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
 
     @property
     def data_root(self) -> Path | None:

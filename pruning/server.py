@@ -6,27 +6,32 @@ method's plan assigns layers to nodes (:meth:`FederatedRun.start_round` returns 
 to the payload store (:meth:`FederatedRun.receive`), so no payload stays in memory; then
 :meth:`FederatedRun.close_round` screens the stored payloads, merges each layer from them one
 tensor at a time, expands the merged mask to the exact target and updates the state, which is
-written to ``state.json`` in the run directory. ``server_app/strategy.py`` only moves tasks and
-replies through Flower.
+written to ``state.json`` in the run directory, next to each merged layer
+(``pruning/checkpoint.py``), so that ``resume`` can continue an interrupted run
+(:meth:`FederatedRun.restore`). ``server_app/strategy.py`` only moves tasks and replies through
+Flower.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
+import os
 import resource
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
 from .aggregate import merge_tensor
+from .checkpoint import STOP_AFTER_ROUND, Checkpoint, ResumeError, Stopped
 from .config import RunConfig
 from .federated import GlobalModel, Job
 from .methods import METHODS
 from .models import DTYPES
+from .parts import Parts
 from .payload import Expected, PayloadError, StoredPayload
 from .report import bytes_totals
 from .sampling import Assignment, assign_layers, budget_from_resources
@@ -111,16 +116,42 @@ class RunState:
             rounds,
         )
 
-    def sampling_keys(self) -> dict[int, str]:
-        """A stable name per node for the plans, so the same config gives the same masks.
+    def sampling_keys(self, nodes: Iterable[int] | None = None) -> dict[int, str]:
+        """A stable name per node (of ``nodes``, default: those still taking work) for the
+        plans, so the same config gives the same masks.
 
         Simulation draws random node ids on every run, but each node there reports a distinct
         partition id, which names it; elsewhere (deployment) the node id does.
         """
-        pids = {n: int(self.resources.get(n, {}).get("partition-id", -1)) for n in self.budgets}
+        nodes = self.budgets if nodes is None else nodes
+        pids = {n: int(self.resources.get(n, {}).get("partition-id", -1)) for n in nodes}
         if min(pids.values(), default=-1) >= 0 and len(set(pids.values())) == len(pids):
             return {n: str(p) for n, p in pids.items()}
-        return {n: str(n) for n in self.budgets}
+        return {n: str(n) for n in pids}
+
+    def last_merged(self) -> dict[int, int]:
+        """Layer -> the round that merged it last (whose checkpoint version holds it)."""
+        return {i: r.round for r in self.rounds for i in r.aggregated}
+
+    def renamed(self, ids: dict[int, int]) -> RunState:
+        """The same state with node ids translated by ``ids`` (ids not in it stay)."""
+
+        def keyed(d: dict) -> dict:
+            return {ids.get(n, n): v for n, v in d.items()}
+
+        rounds = [
+            replace(r, assignment=keyed(r.assignment), replies=keyed(r.replies))
+            for r in self.rounds
+        ]
+        holders = {i: [ids.get(n, n) for n in nodes] for i, nodes in self.holders.items()}
+        return replace(
+            self,
+            holders=holders,
+            budgets=keyed(self.budgets),
+            reported=keyed(self.reported),
+            resources=keyed(self.resources),
+            rounds=rounds,
+        )
 
 
 @dataclass(frozen=True)
@@ -136,30 +167,51 @@ class Task:
 class PayloadStore:
     """Checked payloads on disk, ``<run>/spool/round-<r>/node-<id>.safetensors``.
 
-    A payload is written as received, validated from the file and kept only if valid; merges
-    read it back one tensor at a time, so server memory does not grow with the number of
-    clients. A round's folder is removed once its layers are merged.
+    A payload is written as received (or part by part, as fetched), validated from the file and
+    kept only if valid; merges read it back one tensor at a time, so server memory does not
+    grow with the number of clients. A round's folder is removed once its layers are merged.
     """
 
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def put(self, rnd: int, node: int, blob: bytes, expected: Expected) -> StoredPayload:
+    def put(self, rnd: int, node: int, blob: bytes | Parts, expected: Expected) -> StoredPayload:
         path = self.root / f"round-{rnd}" / f"node-{node}.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(blob)
         try:
+            if isinstance(blob, Parts):
+                _fetch_to(path, blob, expected)
+            else:
+                path.write_bytes(blob)
             payload = StoredPayload(path, expected)
             missing = set(expected.layers or ()) - set(payload.meta.layers)
             if missing:
                 raise PayloadError("unassigned-layer", f"layers {sorted(missing)} missing")
         except PayloadError:
-            path.unlink()
+            path.unlink(missing_ok=True)
             raise
         return payload
 
     def drop(self, rnd: int) -> None:
         shutil.rmtree(self.root / f"round-{rnd}", ignore_errors=True)
+
+
+def _fetch_to(path: Path, parts: Parts, expected: Expected) -> None:
+    """Append every part of a payload to ``path``, checking the announced size against the cap
+    before the first fetch, each part's length, and the whole file's SHA-256."""
+    manifest = parts.manifest
+    if expected.max_bytes is not None and manifest.size > expected.max_bytes:
+        raise PayloadError("too-large", f"{manifest.size} bytes > limit {expected.max_bytes}")
+    digest = hashlib.sha256()
+    with path.open("wb") as fh:
+        for index in range(manifest.count):
+            data = parts.fetch(index)
+            if len(data) != manifest.part_size(index):
+                raise PayloadError("parts", f"part {index} has {len(data)} bytes")
+            digest.update(data)
+            fh.write(data)
+    if digest.hexdigest() != manifest.sha256:
+        raise PayloadError("parts", "the fetched parts do not match the announced SHA-256")
 
 
 def _holders_plan(
@@ -181,15 +233,40 @@ def _holders_plan(
     return Assignment(per_node, extra.uncovered)
 
 
-class FederatedRun:
-    """One federated pruning run on the server: state, plans, store, merges, outputs."""
+def _rejoined(saved: RunState, now: RunState) -> RunState:
+    """``saved`` with its nodes renamed to the nodes of ``now`` (freshly reported) that have
+    the same sampling key; nodes new to the run join it, nodes not back lose their budget."""
+    current = {key: n for n, key in now.sampling_keys(now.resources).items()}
+    old = saved.sampling_keys(saved.resources)
+    ids = {n: current[key] for n, key in old.items() if key in current}
+    state = saved.renamed(ids)
+    for node in sorted(set(now.resources) - set(ids.values())):
+        state.resources[node], state.reported[node] = now.resources[node], now.reported[node]
+        if node in now.budgets:
+            state.budgets[node] = now.budgets[node]
+    state.budgets = {n: b for n, b in state.budgets.items() if n in now.resources}
+    return state
 
-    def __init__(self, cfg: RunConfig, model: GlobalModel, out: Path) -> None:
+
+class FederatedRun:
+    """One federated pruning run on the server: state, plans, store, merges, outputs.
+
+    ``saved`` (``Checkpoint(out).read_state(cfg)`` of the run directory ``out``) continues an
+    interrupted run: :meth:`restore` applies it once the nodes have reported.
+    """
+
+    def __init__(
+        self, cfg: RunConfig, model: GlobalModel, out: Path, saved: dict | None = None
+    ) -> None:
         self.cfg, self.model, self.out = cfg, model, out
         self.method = METHODS[cfg.method]
         self.merges = self.method.merges(cfg.vote_scaling, cfg.aggregator)
+        if saved is not None and None in self.merges:
+            raise ResumeError("method", f"{cfg.method} merges nothing that could be resumed")
+        self.saved = RunState.from_dict(saved) if saved is not None else None
         self.state = RunState(model.num_layers, list(range(model.num_layers)))
         self.store = PayloadStore(out / "spool")
+        self.checkpoint = Checkpoint(out)
         self.jobs: dict[int, Job] = {}  # the open round's jobs, by node
         self.payloads: dict[int, StoredPayload] = {}  # valid payloads of the open round
         self.local: dict[int, StoredPayload] = {}  # local-only: every node's own layers
@@ -209,6 +286,37 @@ class FederatedRun:
         )
         if self.state.reported[node] > 0:
             self.state.budgets[node] = self.state.reported[node]
+
+    def restore(self) -> None:
+        """Continue the saved run, if any, with the nodes that reported (call after
+        :meth:`add_node` for each): its state, with node ids translated to the current nodes,
+        and its merged layers read back from the checkpoint.
+
+        Nodes are matched by the name the plans know them by (partition id in simulation, node
+        id elsewhere), so the rounds to come are those the interrupted run would have played.
+        A node of the saved run that is not back takes no more work; a new node joins with its
+        reported budget; a returning one keeps its saved budget (or, if it failed, none).
+        """
+        if self.saved is None:
+            return
+        saved = self.saved
+        if saved.num_layers != self.model.num_layers:
+            raise ResumeError(
+                "model", f"{saved.num_layers} layers saved, the model has {self.model.num_layers}"
+            )
+        state = _rejoined(saved, self.state)
+        last = state.last_merged()
+        for layer, rnd in sorted(last.items()):
+            expected = Expected(
+                self.model.shapes, {layer}, self.model.dtype, round=rnd, role="global"
+            )
+            stored = StoredPayload(self.checkpoint.layer(layer, rnd), expected)
+            for key in stored.keys:
+                self.model.write(key, stored.update(key)[0])
+        self.checkpoint.keep(last)  # the unfinished round's layers and payloads are redone
+        shutil.rmtree(self.store.root, ignore_errors=True)
+        self.state, self.saved = state, None
+        log.info("resumed after round %d with nodes %s", len(state.rounds), sorted(state.budgets))
 
     # -- rounds ----------------------------------------------------------------------------
 
@@ -261,6 +369,7 @@ class FederatedRun:
     def drive(self, work: Callable[[Task], tuple[bytes, dict]]) -> None:
         """Every round in this process, ``work`` doing each task's job: the engine without
         Flower's transport (benchmarks)."""
+        self.restore()
         while (tasks := self.start_round()) is not None:
             for task in tasks:
                 blob, metrics = work(task)
@@ -278,9 +387,14 @@ class FederatedRun:
         return blob
 
     def receive(
-        self, node: int, blob: bytes | None, error: str | None = None, metrics: dict | None = None
+        self,
+        node: int,
+        blob: bytes | Parts | None,
+        error: str | None = None,
+        metrics: dict | None = None,
     ) -> None:
-        """Check one reply against its node's job and store it; failures are logged, not raised."""
+        """Check one reply (its payload, or the parts to fetch it by) against its node's job
+        and store it; failures are logged, not raised."""
         current = self.state.rounds[-1]
         if node not in current.assignment:
             log.warning("ignoring a reply from node %d, which had no job", node)
@@ -293,7 +407,7 @@ class FederatedRun:
         if blob is None:
             entry.reason = "reply carries no payload"
             return
-        entry.bytes_up = len(blob)
+        entry.bytes_up = blob.manifest.size if isinstance(blob, Parts) else len(blob)
         try:
             self.payloads[node] = self.store.put(
                 current.round, node, blob, self._expected(self.jobs[node])
@@ -342,6 +456,10 @@ class FederatedRun:
                 nodes = [n for n in valid if layer in current.assignment[n]]
                 self._merge_layer(layer, [self.payloads[n] for n in nodes])
                 self.state.holders[layer] = nodes
+                blob = self.model.encode(
+                    [layer], current.round, self.cfg.sparsity, self.cfg.pattern
+                )
+                self.checkpoint.write_layer(layer, current.round, blob)
             self.store.drop(current.round)
         current.aggregated = sorted(covered)
         self.state.done = sorted(set(self.state.done) | covered)
@@ -354,8 +472,9 @@ class FederatedRun:
             len(self.state.remaining),
             [n for n in current.assignment if not current.replies[n].ok],
         )
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "state.json").write_text(json.dumps(self.state.to_dict(), indent=1))
+        self.checkpoint.write_state(self.cfg, self.state.to_dict(), self.state.last_merged())
+        if os.environ.get(STOP_AFTER_ROUND) == str(current.round):
+            raise Stopped(f"stopped after round {current.round} (${STOP_AFTER_ROUND})")
 
     def _screen(self, current: RoundLog) -> None:
         """Give every valid payload a verdict; an outlier is dropped like a failed reply.
@@ -398,7 +517,7 @@ class FederatedRun:
 
     def finish(self, dense: dict[str, float]) -> dict:
         """Save the pruned model (or evaluate each node alone, for local-only) and build the
-        report; the payload store is removed."""
+        report; the payload store and the layer checkpoint are removed."""
         cfg, state = self.cfg, self.state
         perplexity: dict = {"dense": dense}
         saved: dict = {}
@@ -420,10 +539,11 @@ class FederatedRun:
             saved = self.model.save(self.out, state.done, cfg.sparsity, cfg.pattern)
             perplexity["pruned"] = self.evaluate()
         shutil.rmtree(self.store.root, ignore_errors=True)
+        self.checkpoint.drop_layers()
         data = state.to_dict()
         return {
             "model": cfg.model,
-            "config": {k.replace("_", "-"): v for k, v in asdict(cfg).items()},
+            "config": cfg.values(),
             "num_layers": state.num_layers,
             "nodes": {
                 n: {"budget": data["reported"].get(n, 0), "resources": r}

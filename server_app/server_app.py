@@ -8,6 +8,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from pruning.checkpoint import Checkpoint
 from pruning.config import RunConfig
 from pruning.federated import GlobalModel
 from pruning.report import plot_report, write_report
@@ -25,11 +26,15 @@ def main(grid: Grid, context: Context) -> None:
         logging.getLogger(name).setLevel(logging.INFO)
     cfg = RunConfig.parse(context.run_config)
     out = Path(cfg.out_dir).expanduser().resolve() / f"{cfg.method}-{context.run_id}"
-    run = FederatedRun(cfg, GlobalModel(cfg.model, cfg.dtype), out)
+    saved = None
+    if cfg.resume:  # continue an interrupted run in its own directory (checked before loading)
+        out = Path(cfg.resume).expanduser().resolve()
+        saved = Checkpoint(out).read_state(cfg)
+    run = FederatedRun(cfg, GlobalModel(cfg.model, cfg.dtype), out, saved)
     dense = run.evaluate() if cfg.eval_dense else {}
     strategy = FedSpaLLMStrategy(run)
     strategy.summary()
-    strategy.run(grid)
+    strategy.run(grid)  # restores a resumed run's state and layers once the nodes reported
     report = run.finish(dense)
     write_report(out, report)
     plot_report(out, report)

@@ -11,11 +11,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Iterator
+from functools import partial
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from pruning.parts import Manifest, Parts
+from pruning.payload import PayloadError
 from pruning.server import FederatedRun, Task
 from server_app import protocol
 
@@ -28,14 +31,41 @@ class FedSpaLLMStrategy(Strategy):
     def __init__(self, run: FederatedRun) -> None:
         self.fed, self.cfg = run, run.cfg
         self._sent: dict[str, int] = {}  # message id -> node, for the open round
+        self._grid: Grid | None = None  # where parts of large payloads are fetched from
 
     def run(self, grid: Grid) -> None:
-        """Query resources, then prune round by round until every layer is covered."""
+        """Query resources (and continue a resumed run with the nodes that answered), then
+        prune round by round until every layer is covered."""
+        self._grid = grid
         self.query_resources(grid)
+        self.fed.restore()
         while tasks := self.fed.start_round():
             for node, reply in self._stream(grid, self._messages(tasks)):
-                self.fed.receive(node, *protocol.read_payload(reply))
+                self.fed.receive(node, *self._payload(node, reply))
             self.fed.close_round()
+
+    def _payload(self, node: int, reply: Message) -> tuple[bytes | Parts | None, str | None, dict]:
+        """What a train reply carries, for :meth:`FederatedRun.receive`: the payload, or the
+        parts to fetch it by (one message per part, each pulled before the next is sent)."""
+        blob, error, metrics = protocol.read_payload(reply)
+        if isinstance(blob, Manifest):
+            return Parts(blob, partial(self._fetch, node, blob)), error, metrics
+        return blob, error, metrics
+
+    def _fetch(self, node: int, manifest: Manifest, index: int) -> bytes:
+        if self._grid is None:
+            raise PayloadError("parts", "no grid to fetch parts from")
+        ttl = self.cfg.round_timeout
+        (msg_id,) = self._grid.push_messages([protocol.fetch_message(node, manifest, index, ttl)])
+        deadline = time.monotonic() + ttl
+        while time.monotonic() < deadline:
+            for reply in self._grid.pull_messages([msg_id]):
+                try:
+                    return protocol.read_part(reply)
+                except ValueError as err:
+                    raise PayloadError("parts", f"part {index}: {err}") from None
+            time.sleep(0.1)
+        raise PayloadError("parts", f"part {index} did not come within {ttl:.0f}s")
 
     def wait_for_nodes(self, grid: Grid) -> list[int]:
         """Block until ``min-nodes`` nodes are registered (sampling earlier sees too few)."""
@@ -92,6 +122,7 @@ class FedSpaLLMStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One message per node with work: its job and the aggregated layers it builds on."""
+        self._grid = grid
         return self._messages(self.fed.start_round() or [])
 
     def aggregate_train(
@@ -99,10 +130,8 @@ class FedSpaLLMStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Check and store each reply, then merge the round (the batch form of :meth:`run`)."""
         for reply in replies:
-            self.fed.receive(
-                self._sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id),
-                *protocol.read_payload(reply),
-            )
+            node = self._sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            self.fed.receive(node, *self._payload(node, reply))
         self.fed.close_round()
         state = self.fed.state
         return None, MetricRecord(

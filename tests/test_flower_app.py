@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from deploy_helpers import free_port
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from pruning.payload import decode_payload
@@ -17,9 +18,8 @@ from pruning.payload import decode_payload
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def run_dir(tiny_llama_dir: Path, data_dir: Path, tmp_path_factory) -> Path:
-    home, out = tmp_path_factory.mktemp("flwr-home"), tmp_path_factory.mktemp("runs")
+def simulate(home: Path, data_dir: Path, overrides: str, **env: str) -> subprocess.CompletedProcess:
+    """``scripts/run_simulation.sh`` with 3 SuperNodes of one CPU each and ``overrides``."""
     env = {
         **os.environ,
         "FLWR_HOME": str(home),
@@ -32,12 +32,9 @@ def run_dir(tiny_llama_dir: Path, data_dir: Path, tmp_path_factory) -> Path:
         # a local SuperLink of our own: `flwr run` would reuse any other one on the default ports
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
         "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+        **env,
     }
-    overrides = (
-        f"model='{tiny_llama_dir}' out-dir='{out}' min-nodes=3 sim-max-layers='2,1,2' "
-        "nsamples=8 seqlen=64 eval-max-windows=4"
-    )
-    proc = subprocess.run(
+    return subprocess.run(
         [str(ROOT / "scripts/run_simulation.sh"), "--run-config", overrides],
         cwd=ROOT,
         env=env,
@@ -45,8 +42,22 @@ def run_dir(tiny_llama_dir: Path, data_dir: Path, tmp_path_factory) -> Path:
         text=True,
         timeout=540,
     )
+
+
+def failure(proc: subprocess.CompletedProcess) -> str:
+    return proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_llama_dir: Path, data_dir: Path, tmp_path_factory) -> Path:
+    home, out = tmp_path_factory.mktemp("flwr-home"), tmp_path_factory.mktemp("runs")
+    overrides = (
+        f"model='{tiny_llama_dir}' out-dir='{out}' min-nodes=3 sim-max-layers='2,1,2' "
+        "nsamples=8 seqlen=64 eval-max-windows=4"
+    )
+    proc = simulate(home, data_dir, overrides)
     runs = list(out.glob("fedspallm-*"))
-    assert proc.returncode == 0 and len(runs) == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0 and len(runs) == 1, failure(proc)
     return runs[0]
 
 
@@ -117,3 +128,54 @@ def test_sparse_copy_decodes_to_the_saved_model(run_dir: Path) -> None:
     params = dict(model.named_parameters())
     for key, weight in decoded.weights.items():
         assert torch.equal(weight, params[key].detach())
+
+
+def test_a_run_stopped_after_round_1_resumes_to_the_uninterrupted_model(
+    tiny_llama_dir: Path, data_dir: Path, tmp_path: Path, one_thread: None
+) -> None:
+    """One layer per node and round: the prune phase takes two rounds, the refine phase one.
+    The ServerApp stops right after round 1 (``$FEDSPALLM_STOP_AFTER_ROUND``, as a crash
+    would); a second `flwr run` with ``resume`` continues it in the same run directory, with
+    new simulated nodes, and its model equals, bit for bit, that of the same config run
+    without a stop (in process: the engine's output equals a real run's, see above)."""
+    from pruning.config import RunConfig
+    from pruning.federated import ClientData, ClientWorker, GlobalModel
+    from pruning.server import FederatedRun
+
+    home, out = tmp_path / "flwr-home", tmp_path / "runs"
+    common = (
+        f"model='{tiny_llama_dir}' out-dir='{out}' min-nodes=3 sim-max-layers='1,1,1' "
+        "nsamples=8 seqlen=64 eval-dense=false eval-max-windows=2"
+    )
+    stopped = simulate(home, data_dir, common, FEDSPALLM_STOP_AFTER_ROUND="1")
+    (run,) = out.glob("fedspallm-*")
+    assert stopped.returncode != 0 and not (run / "report.json").exists(), failure(stopped)
+    state = json.loads((run / "state.json").read_text())
+    assert [r["phase"] for r in state["rounds"]] == ["prune"] and len(state["remaining"]) == 1
+    assert len(list((run / "checkpoint").glob("layer-*.round-1.safetensors"))) == 3
+
+    resumed = simulate(home, data_dir, f"{common} resume='{run}'")
+    assert resumed.returncode == 0, failure(resumed)
+    assert list(out.iterdir()) == [run], "a resumed run writes into its own folder"
+    report = json.loads((run / "report.json").read_text())
+    assert [r["phase"] for r in report["rounds"]] == ["prune", "prune", "refine"]
+    assert report["complete"] and not (run / "checkpoint").exists()
+
+    cfg = RunConfig.parse({**report["config"], "resume": ""})
+    whole = FederatedRun(cfg, GlobalModel(cfg.model), tmp_path / "whole")
+    worker = ClientWorker(cfg.model)
+    for p in range(3):
+        whole.add_node(p, {"max-layers": 1, "partition-id": p})
+
+    def work(task):
+        data = ClientData(
+            sources=list(cfg.calib_sources), partition_id=task.node, num_partitions=3, root=data_dir
+        )
+        return worker.run(task.job, data, task.downlink())
+
+    whole.drive(work)
+    pid = {n: int(v["resources"]["partition-id"]) for n, v in report["nodes"].items()}
+    played = [{pid[n]: v for n, v in r["assignment"].items()} for r in report["rounds"]]
+    assert played == [r.assignment for r in whole.state.rounds]
+    saved = load_file(run / "model" / "model.safetensors")
+    assert all(torch.equal(saved[k], whole.model.params[k].detach()) for k in whole.model.shapes)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,10 @@ from flwr.supercore.task_identity import TaskIdentity
 from helpers import reference_output, reference_plan, reference_run
 
 from pruning.attacks import ATTACKS, poison
+from pruning.checkpoint import STOP_AFTER_ROUND, Checkpoint, ResumeError, Stopped
 from pruning.config import ConfigError, RunConfig
 from pruning.federated import ClientData, ClientWorker, GlobalModel, Job
+from pruning.parts import PartStore
 from pruning.server import FederatedRun, RunState
 from server_app import protocol
 from server_app.strategy import FedSpaLLMStrategy
@@ -179,6 +182,110 @@ def test_state_is_written_each_round_and_the_spool_is_released(setup: dict) -> N
     saved = RunState.from_dict(__import__("json").loads((run.out / "state.json").read_text()))
     assert saved == run.state and len(saved.rounds) == 4 and not saved.remaining
     assert not any((run.out / "spool").glob("round-*/*")), "merged payloads stay on disk"
+
+
+@pytest.mark.parametrize("method", ["fedspallm", "fedspallm-sampled"])
+def test_an_interrupted_run_resumes_to_the_same_model(setup: dict, method: str, monkeypatch):
+    """Budgets below the layer count, and partition 2 fails its first job: the prune phase
+    takes two rounds, then the refine phase one. Stopped after round 1 or 2 (as a crash right
+    after the round's checkpoint) and resumed by a new FederatedRun whose nodes have new ids
+    (as in a new simulation), the run plays the same rounds (the failed node stays out) and
+    ends with the same weights, bit for bit, as the uninterrupted run."""
+    w = setup["worker"]
+
+    def nodes(ids: list[int]) -> dict[int, Behaviour]:
+        made = {n: honest_node(w, partition_data(setup, p, 3), 1, p) for p, n in enumerate(ids)}
+        made[ids[2]] = failing_after_query(made[ids[2]], "error")
+        return made
+
+    def by_partition(run: FederatedRun, ids: list[int]) -> list[dict]:
+        return [{ids.index(n): v for n, v in r.assignment.items()} for r in run.state.rounds]
+
+    whole = run_strategy(setup, nodes([1, 2, 3]), method=method)
+    assert [r.phase for r in whole.state.rounds] == ["prune", "prune", "refine"]
+    assert not whole.state.rounds[0].replies[3].ok and 3 not in whole.state.rounds[1].assignment
+    for stop in (1, 2):
+        cfg = config(setup, 3, method=method)
+        out = setup["out"] / uuid.uuid4().hex
+        monkeypatch.setenv(STOP_AFTER_ROUND, str(stop))
+        with pytest.raises(Stopped, match=f"after round {stop}"):
+            FedSpaLLMStrategy(FederatedRun(cfg, GlobalModel(cfg.model), out)).run(
+                FakeGrid(nodes([1, 2, 3]))
+            )
+        monkeypatch.delenv(STOP_AFTER_ROUND)
+        saved = Checkpoint(out).read_state(cfg)
+        last = RunState.from_dict(saved).last_merged()
+        files = {p.name for p in (out / "checkpoint").iterdir()}
+        assert files == {f"layer-{i}.round-{r}.safetensors" for i, r in last.items()}
+        assert len(last) == (2 if stop == 1 else 4)
+        resumed = FederatedRun(cfg, GlobalModel(cfg.model), out, saved)
+        FedSpaLLMStrategy(resumed).run(FakeGrid(nodes([70, 80, 90])))
+        assert by_partition(resumed, [70, 80, 90]) == by_partition(whole, [1, 2, 3])
+        expected = pruned_weights(whole)
+        assert all(torch.equal(v, expected[k]) for k, v in pruned_weights(resumed).items())
+
+
+def in_parts(node: Behaviour, store: PartStore, part_bytes: int, tamper: bool = False):
+    """``node``, leaving each payload over ``part_bytes`` on its disk and serving it part by
+    part, as the ClientApp does above ``max-message-mb`` (``tamper``: parts reversed)."""
+
+    def behave(msg: Message) -> Message | None:
+        if msg.metadata.message_type == f"{MessageType.QUERY}.{protocol.FETCH}":
+            data = store.part(*protocol.read_fetch(msg))
+            return protocol.part_reply(msg, data[::-1] if tamper else data)
+        reply = node(msg)
+        if msg.metadata.message_type != MessageType.TRAIN:
+            return reply
+        blob, _, metrics = protocol.read_payload(reply)
+        if len(blob) <= part_bytes:
+            return reply
+        return protocol.parts_reply(
+            msg, store.put(msg.metadata.message_id, blob, part_bytes), metrics
+        )
+
+    return behave
+
+
+def test_large_payloads_are_fetched_in_parts_to_the_same_model(setup: dict, tmp_path: Path):
+    """Payloads over the part size arrive in many small messages: same model, same bytes
+    counted, nothing left on the node; a part that does not match drops the payload."""
+    w, d = setup["worker"], setup["data"]
+    store = PartStore(tmp_path / "node")
+    whole = run_strategy(
+        setup, {1: honest_node(w, d, 2), 2: honest_node(w, d, 4)}, method="fedspallm"
+    )
+    nodes = {1: honest_node(w, d, 2), 2: in_parts(honest_node(w, d, 4), store, 4096)}
+    grid = FakeGrid(nodes)
+    cfg = config(setup, 2, method="fedspallm")
+    parted = FederatedRun(cfg, GlobalModel(cfg.model), setup["out"] / uuid.uuid4().hex)
+    FedSpaLLMStrategy(parted).run(grid)
+    expected = pruned_weights(whole)
+    assert all(torch.equal(v, expected[k]) for k, v in pruned_weights(parted).items())
+    sent = [r.replies[2].bytes_up for r in parted.state.rounds]
+    assert sent == [r.replies[2].bytes_up for r in whole.state.rounds] and min(sent) > 4096
+    assert grid.pulls >= 2 + sum(-(-b // 4096) for b in sent)  # one message per part
+    assert not list(store.root.iterdir()), "fetched payloads stay on the node"
+
+    nodes[2] = in_parts(honest_node(w, d, 4), store, 4096, tamper=True)
+    bad = run_strategy(setup, nodes, method="fedspallm")
+    assert "parts" in bad.state.rounds[0].replies[2].reason and bad.state.rounds[0].replies[1].ok
+
+
+def test_a_resume_refuses_another_config_or_a_missing_state(setup: dict, tmp_path: Path):
+    cfg = config(setup, 1, method="fedspallm")
+    w, d = setup["worker"], setup["data"]
+    run = FederatedRun(cfg, GlobalModel(cfg.model), tmp_path / "run")
+    FedSpaLLMStrategy(run).run(FakeGrid({1: honest_node(w, d, 4)}))
+    saved = Checkpoint(run.out)
+    harmless = replace(cfg, resume=str(run.out), round_timeout=9.0, eval_max_windows=2)
+    assert saved.read_state(harmless)["rounds"]
+    with pytest.raises(ResumeError, match="config.*sparsity .saved 0.5, now 0.6.*seed"):
+        saved.read_state(replace(cfg, sparsity=0.6, seed=4))
+    with pytest.raises(ResumeError) as err:
+        Checkpoint(tmp_path / "elsewhere").read_state(cfg)
+    assert err.value.reason == "no-state"
+    with pytest.raises(ResumeError, match="local-only"):
+        FederatedRun(replace(cfg, method="local-only"), run.model, run.out, {"rounds": []})
 
 
 def test_simulated_nodes_are_sampled_by_partition_not_by_random_node_id(setup: dict) -> None:
