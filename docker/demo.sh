@@ -85,8 +85,10 @@ fi
 files=(-f "$here/compose.yml")
 [[ $tls -eq 1 ]] && files+=(-f "$here/compose.with-tls.yml")
 project=fedspallm-demo
+# COMPOSE_HTTP_TIMEOUT (v1): creating a container of a 2.5 GB image takes minutes with the vfs
+# storage driver.
 dc() { FEDSPALLM_IMAGE="$image" OUTPUTS_DIR="$out_dir" RUN_CONFIG="$run_config" \
-  "${compose[@]}" -p "$project" "${files[@]}" "$@"; }
+  COMPOSE_HTTP_TIMEOUT="${COMPOSE_HTTP_TIMEOUT:-900}" "${compose[@]}" -p "$project" "${files[@]}" "$@"; }
 
 # 1. data
 if [[ ! -f "$here/demo-data/node-1/calib.txt" ]]; then
@@ -148,10 +150,11 @@ run_dir=$(comm -13 <(echo "$before") <(ls -d "$out_dir"/fedspallm-* 2>/dev/null)
 for f in report.json model/config.json perplexity.png; do
   [[ -s "$run_dir/$f" ]] || fail "$run_dir/$f missing"
 done
-"$DOCKER" run --rm --network none -v "$run_dir:/report:ro" "$image" python - <<'EOF' \
+# read the report in the running SuperLink container (its Python; no new container)
+dc exec -T superlink python - "/outputs/$(basename "$run_dir")/report.json" <<'EOF' \
   || fail "report check failed: $run_dir/report.json"
 import json, math, sys
-r = json.load(open("/report/report.json"))
+r = json.load(open(sys.argv[1]))
 ppl = r["perplexity"]
 values = [v for part in ("dense", "pruned") for v in (ppl.get(part) or {}).values()]
 print(f"demo: {len(r['rounds'])} round(s), {len(r['nodes'])} nodes, sparsity "
