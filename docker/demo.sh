@@ -44,7 +44,7 @@ EOF
 # SmolLM2-135M, the paper's one-pass method (no refine phase), 8 calibration windows of 128
 # tokens per node and 8 evaluation windows.
 default_run_config() {
-  echo "min-nodes=3 method=fedspallm-paper nsamples=8 seqlen=128 eval-max-windows=8" \
+  echo "min-nodes=3 method='fedspallm-paper' nsamples=8 seqlen=128 eval-max-windows=8" \
     "out-dir='/outputs' eval-data='/eval/eval.txt'"
 }
 
