@@ -79,6 +79,9 @@ class RunConfig(PruneSpec):
     screen: bool = True  # drop payloads whose deviation from the server's weights stands out
     screen_mad: float = 6.0  # k of the pooled test: median + k * 1.4826 * MAD
     screen_max_deviation: float = 1.25  # absolute bound on a tensor's relative deviation
+    # decoder weights (name patterns) that no rule prunes and the run may leave dense; any
+    # other such weight stops the run (pruning.models.check_layout)
+    keep_dense: tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, values: Mapping[str, Any]) -> RunConfig:

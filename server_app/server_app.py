@@ -25,7 +25,7 @@ def main(grid: Grid, context: Context) -> None:
         logging.getLogger(name).setLevel(logging.INFO)
     cfg = RunConfig.parse(context.run_config)
     out = Path(cfg.out_dir).expanduser().resolve() / f"{cfg.method}-{context.run_id}"
-    run = FederatedRun(cfg, GlobalModel(cfg.model, cfg.dtype), out)
+    run = FederatedRun(cfg, GlobalModel(cfg.model, cfg.dtype, cfg.keep_dense), out)
     dense = run.evaluate() if cfg.eval_dense else {}
     strategy = FedSpaLLMStrategy(run)
     strategy.summary()
