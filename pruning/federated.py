@@ -197,6 +197,7 @@ class ClientWorker:
             job.pruner,
             report.tokens,
             phase=job.phase,
+            expert_tokens={k: c for k, c in report.expert_tokens().items() if k in weights},
         )
         blob = encode_payload(weights, meta, {k: masks[k] for k in weights})
         errors = [report.layers[i].rel_error for i in job.layers]

@@ -143,11 +143,20 @@ def reference_weights(cfg, payloads: dict, merge: str, base=None) -> dict[str, t
 
     base = base or GlobalModel(cfg.model, cfg.dtype)
     out = {}
-    for key in base.shapes:
+    for key, shape in base.shapes.items():
         holders = [p for p in payloads.values() if key in p.sparse]
         dense = base.params[key].detach()
         sources = [(lambda h=h, k=key: h.update(k)) for h in holders]
-        out[key], _ = merge_tensor(merge, sources, cfg.target(), dense=lambda d=dense: d)
+        tokens = [h.meta.expert_tokens.get(key) for h in holders]
+        experts = shape[0] if len(shape) == 3 else 0
+        out[key], _ = merge_tensor(
+            merge,
+            sources,
+            cfg.target(),
+            dense=lambda d=dense: d,
+            tokens=tokens if experts and None not in tokens else None,
+            experts=experts,
+        )
     return out
 
 
