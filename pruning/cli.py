@@ -164,7 +164,9 @@ def _print_text(result: dict) -> None:
             print(f"{key}: {result[key]}")
     sparsity = result.get("sparsity")
     if isinstance(sparsity, dict):
-        _print_sparsity(sparsity)
+        from .evaluate import describe_sparsity
+
+        print("\n".join(describe_sparsity(sparsity)))
     elif sparsity is not None:
         print(f"sparsity: {sparsity:.4f}")
     for fb in result.get("expert_fallbacks", []):
@@ -174,19 +176,6 @@ def _print_text(result: dict) -> None:
         )
     for src, ppl in result.get("perplexity", {}).items():
         print(f"perplexity[{src}]: {ppl:.3f}")
-
-
-def _print_sparsity(report: dict) -> None:
-    """The sparsity over what was pruned, then what stayed dense, so neither is mistaken."""
-    from .evaluate import dense_groups
-
-    total = report["pruned_params"] + report["dense_params"]
-    print(
-        f"sparsity: {report['overall']:.4f} over {report['pruned_params']} prunable decoder "
-        f"weights ({report['pruned_params'] / total:.1%} of the model's {total} parameters)"
-    )
-    groups = ", ".join(f"{n} ({k} x {p // k})" for n, k, p in dense_groups(report["dense"]))
-    print(f"dense: {report['dense_params']} parameters: {groups}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,3 +82,15 @@ def dense_groups(dense: dict[str, int]) -> list[tuple[str, int, int]]:
     for name, size in dense.items():
         groups.setdefault(re.sub(r"\.\d+\.", ".*.", name), []).append(size)
     return sorted(((n, len(s), sum(s)) for n, s in groups.items()), key=lambda g: (-g[2], g[0]))
+
+
+def describe_sparsity(report: dict) -> list[str]:
+    """Two lines for people (CLI output, the server's log): the sparsity over what was pruned,
+    then what stayed dense, so neither is mistaken for the other."""
+    total = report["pruned_params"] + report["dense_params"]
+    groups = ", ".join(f"{n} ({k} x {p // k})" for n, k, p in dense_groups(report["dense"]))
+    return [
+        f"sparsity: {report['overall']:.4f} over {report['pruned_params']} prunable decoder "
+        f"weights ({report['pruned_params'] / total:.1%} of the model's {total} parameters)",
+        f"dense: {report['dense_params']} parameters: {groups}",
+    ]

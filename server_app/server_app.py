@@ -9,6 +9,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from pruning.config import RunConfig
+from pruning.evaluate import describe_sparsity
 from pruning.federated import GlobalModel
 from pruning.report import plot_report, write_report
 from pruning.server import FederatedRun
@@ -35,6 +36,8 @@ def main(grid: Grid, context: Context) -> None:
     plot_report(out, report)
     log.info("done in %.0fs: pruned model, report.json and plots in %s", report["seconds"], out)
     log.info("perplexity %s", report["perplexity"])
+    for line in describe_sparsity(report["sparsity"]) if "sparsity" in report else ():
+        log.info("%s", line)
     if not report["complete"]:
         raise RuntimeError(
             f"layers {report['unpruned_layers']} were not pruned; see {out}/report.json"

@@ -101,7 +101,8 @@ def test_a_client_without_tokens_on_an_expert_does_not_vote() -> None:
 
 
 @pytest.fixture(scope="module")
-def moe_run(tmp_path_factory, data_dir: Path) -> Path:
+def moe_run(tmp_path_factory, data_dir: Path) -> tuple[Path, str]:
+    """A real `flwr run` of the default method on a tiny Mixtral: (run folder, its log)."""
     from helpers import make_tiny_model
 
     model = make_tiny_model("mixtral", tmp_path_factory.mktemp("tiny-mixtral"), num_layers=2)
@@ -132,11 +133,11 @@ def moe_run(tmp_path_factory, data_dir: Path) -> Path:
     )
     runs = list(out.glob("fedspallm-*"))
     assert proc.returncode == 0 and len(runs) == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return runs[0]
+    return runs[0], proc.stdout + proc.stderr
 
 
 def test_flwr_run_prunes_every_expert_and_weights_by_tokens(
-    moe_run: Path, data_dir: Path, one_thread: None
+    moe_run: tuple[Path, str], data_dir: Path, one_thread: None
 ) -> None:
     """The default method (prune, then refine by both clients): the merged experts are exactly
     50% sparse each, and equal the clients' payloads merged per expert with their token counts
@@ -146,7 +147,8 @@ def test_flwr_run_prunes_every_expert_and_weights_by_tokens(
     from pruning.config import RunConfig
     from pruning.federated import ClientData, ClientWorker
 
-    model = AutoModelForCausalLM.from_pretrained(moe_run / "model")
+    run_dir, log = moe_run
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
     assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits).all()
     for i in range(2):
         experts = model.model.layers[i].mlp.experts
@@ -154,9 +156,11 @@ def test_flwr_run_prunes_every_expert_and_weights_by_tokens(
             # as in test_flower_app: a merged value may come out exactly 0 (bf16 values, token
             # weights: 72 * -0.0086669921875 + 71 * 0.0087890625 == 0), one more zero than masked
             assert all(0 <= int((w[e] == 0).sum()) - w[e].numel() // 2 <= 1 for e in range(4))
-    report = json.loads((moe_run / "report.json").read_text())
+    report = json.loads((run_dir / "report.json").read_text())
     assert report["complete"]
     assert "model.layers.0.mlp.gate.weight" in report["sparsity"]["dense"]
+    assert "sparsity: 0.5000 over 122880 prunable decoder weights" in log  # the run's log says
+    assert "model.layers.*.mlp.gate.weight (2 x 256)" in log  # what stayed dense, too
 
     cfg = RunConfig.parse(report["config"])
     worker = ClientWorker(cfg.model)
