@@ -59,6 +59,11 @@ ARCHITECTURES = {
         "Qwen3MoeConfig",
         {**_GQA, **_MOE, "num_experts": 4, "moe_intermediate_size": 64, "head_dim": 16},
     ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        {**_GQA, **_MOE, "num_experts": 4, "moe_intermediate_size": 64}
+        | {"shared_expert_intermediate_size": 64},
+    ),
     "gpt_neox": ("GPTNeoXConfig", {**_ATTN, "intermediate_size": 128}),
     "falcon": ("FalconConfig", {**_ATTN, "num_kv_heads": 2, "new_decoder_architecture": True}),
     "gpt2": ("GPT2Config", {"n_embd": 64, "n_head": 4, "n_positions": 256}),

@@ -18,7 +18,11 @@ from pruning.sparsity import Pattern, nm_valid, prune_count
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-MOE = {"mixtral": "mlp.gate.weight", "qwen3_moe": "mlp.gate.weight"}  # -> its router
+MOE = {  # -> its routers
+    "mixtral": ["mlp.gate.weight"],
+    "qwen3_moe": ["mlp.gate.weight"],
+    "qwen2_moe": ["mlp.gate.weight", "mlp.shared_expert_gate.weight"],
+}
 NSAMPLES, SEQLEN, TOP_K = 4, 32, 2
 
 
@@ -86,7 +90,7 @@ def test_prune_every_architecture(
         p.numel() for p in params.values()
     )
     if family in MOE:
-        routers = {f"model.layers.{i}.{MOE[family]}" for i in range(2)}
+        routers = {f"model.layers.{i}.{r}" for i in range(2) for r in MOE[family]}
         assert routers <= set(report["dense"])  # the router stays dense, and is named
         tokens = summary["expert_tokens"]
         assert {k for k, w in weights.items() if w.kind == "experts"} == set(tokens)
