@@ -178,7 +178,7 @@ class SparseTensor:
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """Row-major little-endian bitmask ``[rows, ceil(cols / 8)]`` of a bool keep mask."""
-    keep = mask.detach().cpu().numpy()
+    keep = np.ascontiguousarray(mask.detach().cpu().numpy())  # a transposed view's mask, too
     return torch.from_numpy(
         np.packbits(keep.reshape(-1, mask.shape[-1]), axis=-1, bitorder="little")
     )

@@ -108,3 +108,31 @@ def test_text_output_names_what_stayed_dense(model_dirs, calib_text: Path, tmp_p
         "model.layers.*.mlp.gate.weight (2 x 256)",
     ):
         assert name in dense, dense
+
+
+def test_federated_engine_keeps_gpt2_conv1d_orientation(model_dirs, calib_text: Path) -> None:
+    """Clients and server exchange GPT-2's Conv1D weights as ``[out, in]`` (N:M along the
+    input) and the merged weights land transposed back in the ``[in, out]`` parameters."""
+    from helpers import reference_output
+
+    from pruning.config import RunConfig
+    from pruning.federated import ClientData, ClientWorker, GlobalModel
+
+    cfg = RunConfig(
+        model=str(model_dirs["gpt2"]), method="fedspallm-paper", pattern="2:4", nsamples=2
+    )
+    cfg.seqlen = SEQLEN
+    worker = ClientWorker(cfg.model)
+
+    def data(p: int) -> ClientData:
+        return ClientData(sources=[str(calib_text)], partition_id=p, num_partitions=2)
+
+    merged = reference_output(cfg, worker, data, [2, 1])
+    server = GlobalModel(cfg.model)
+    assert set(merged) == set(server.shapes)
+    for key, weight in merged.items():
+        server.write(key, weight)
+        stored = server.model.get_parameter(key)
+        assert tuple(stored.shape) == tuple(weight.shape)[::-1] == server.shapes[key][::-1]
+        assert torch.equal(stored.detach().t(), weight.to(stored.dtype))
+        assert nm_valid(weight != 0, Pattern(2, 4)), key
