@@ -310,7 +310,8 @@ def _is_router(name: str, module: nn.Module) -> bool:
 
 def classify(layer: nn.Module) -> tuple[list[Weight], dict[str, str]]:
     """A layer's prunable weights, and its other weight matrices (2-D or more) with the reason
-    they stay dense: ``router``, ``bias`` or ``unrecognised``."""
+    they stay dense: ``router`` and ``bias`` by rule, anything else refused by
+    :func:`check_layout` (``unrecognised``, or why the layout is not supported)."""
     prunable, dense = [], {}
     for name, module in layer.named_modules():
         own = dict(module.named_parameters(prefix=name, recurse=False))
@@ -325,10 +326,12 @@ def classify(layer: nn.Module) -> tuple[list[Weight], dict[str, str]]:
                 prunable.append(Weight(key, "linear", tuple(param.shape)))
             elif _is_conv1d(module) and key.endswith(".weight"):
                 prunable.append(Weight(key, "conv1d", tuple(param.shape[::-1])))
-            elif fused and param.dim() == 3 and not getattr(module, "is_transposed", False):
-                prunable.append(Weight(key, "experts", tuple(param.shape)))
             elif fused and key.endswith("bias"):
                 dense[key] = "bias"
+            elif fused and param.dim() == 3 and getattr(module, "is_transposed", False):
+                dense[key] = "fused experts stored transposed: not supported"
+            elif fused and param.dim() == 3:
+                prunable.append(Weight(key, "experts", tuple(param.shape)))
             else:
                 dense[key] = "unrecognised"
     return prunable, dense
@@ -346,18 +349,21 @@ def check_layout(model: nn.Module, keep_dense: Iterable[str] = ()) -> Adapter:
     ``keep_dense`` lists it: a run would otherwise claim a sparsity the model does not have."""
     adapter = get_adapter(model)
     patterns = tuple(keep_dense)
-    unknown = [
-        f"{i}.{key}"
+    unknown = {
+        f"{i}.{key}": why
         for i, layer in enumerate(adapter.layers(model))
         for key, why in classify(layer)[1].items()
-        if why == "unrecognised" and not _listed(f"{i}.{key}", patterns)
-    ]
+        if why not in ("router", "bias") and not _listed(f"{i}.{key}", patterns)
+    }
     if unknown:
+        named = [
+            f"{adapter.layers_path}.{k}" + ("" if w == "unrecognised" else f" ({w})")
+            for k, w in unknown.items()
+        ]
         raise LayoutError(
-            f"{_kind(model)!r}: no rule prunes the decoder weight(s) "
-            f"{', '.join(adapter.layers_path + '.' + k for k in unknown[:4])}"
-            f"{' ...' if len(unknown) > 4 else ''}; list them in keep-dense (e.g. "
-            f"{unknown[0].split('.', 1)[1]!r}) to run with them dense"
+            f"{_kind(model)!r}: no rule prunes the decoder weight(s) {', '.join(named[:4])}"
+            f"{' ...' if len(named) > 4 else ''}; list them in keep-dense (e.g. "
+            f"{next(iter(unknown)).split('.', 1)[1]!r}) to run with them dense"
         )
     return adapter
 

@@ -14,6 +14,7 @@ from pruning.models import (
     LayoutError,
     ModelError,
     check_layout,
+    classify,
     get_adapter,
     layer_state,
     linear_groups,
@@ -227,3 +228,21 @@ def test_load_model_rejects_bad_specs(
 def test_load_model_rejects_unknown_dtype(tiny_llama_dir: Path) -> None:
     with pytest.raises(ModelError, match="dtype 'int8' is not one of float32"):
         load_model(str(tiny_llama_dir), dtype="int8")
+
+
+def test_transposed_fused_experts_are_refused_with_the_reason() -> None:
+    """GPT-OSS keeps its experts as ``[experts, in, out]`` with biases: refused, by name and
+    reason; its router and fused biases are dense by rule."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    config = GptOssConfig(
+        hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, num_local_experts=2, num_experts_per_tok=1,
+        vocab_size=64,
+    )  # fmt: skip
+    model = GptOssForCausalLM(config)
+    dense = classify(get_adapter(model).layers(model)[0])[1]
+    assert dense["mlp.router.weight"] == "router" and dense["mlp.experts.down_proj_bias"] == "bias"
+    with pytest.raises(LayoutError, match=r"gate_up_proj \(fused experts stored transposed"):
+        check_layout(model)
+    check_layout(model, ["mlp.experts.*_proj"])  # kept dense on request
