@@ -151,7 +151,7 @@ def _cmd_eval(args) -> dict:
     model, tokenizer = load_model(args.model, args.dtype)
     return {
         "model": args.model,
-        "sparsity": sparsity_report(model)["overall"],
+        "sparsity": sparsity_report(model),
         "perplexity": _evaluate(
             model, tokenizer, args.data, args.seqlen, args.device, args.max_windows
         ),

@@ -108,6 +108,9 @@ def test_text_output_names_what_stayed_dense(model_dirs, calib_text: Path, tmp_p
         "model.layers.*.mlp.gate.weight (2 x 256)",
     ):
         assert name in dense, dense
+    assert main(["eval", "--model", str(tmp_path / "out")]) == 0  # eval says the same
+    again = capsys.readouterr().out.splitlines()
+    assert [lines["sparsity"], dense] == [x for x in again if x.startswith(("sparsity", "dense"))]
 
 
 def test_federated_engine_keeps_gpt2_conv1d_orientation(model_dirs, calib_text: Path) -> None:
