@@ -281,7 +281,8 @@ class Lab:
         return [f"{self.adapter.prefix(i)}{n}.weight" for n in self.names(i)]
 
     def names(self, i: int) -> list[str]:
-        return linear_groups(self.layers[i], self.adapter, False)[0]
+        """The linears' module paths (SmolLM2 has plain ``nn.Linear`` weights only)."""
+        return [w.module for w in linear_groups(self.layers[i], self.adapter, False)[0]]
 
     def restore(self) -> None:
         load_layer_state(self.model, self.base)

@@ -27,9 +27,11 @@ def _log_progress() -> None:
 
 
 @functools.lru_cache(maxsize=1)
-def _worker(model: str, dtype: str, device: str | None) -> ClientWorker:
+def _worker(
+    model: str, dtype: str, device: str | None, keep_dense: tuple[str, ...]
+) -> ClientWorker:
     """One base model per process: loading it is the slowest part of a small job."""
-    return ClientWorker(model, dtype, device)
+    return ClientWorker(model, dtype, device, keep_dense)
 
 
 def _client_data(cfg: RunConfig, node: dict) -> ClientData:
@@ -70,7 +72,8 @@ def train(msg: Message, context: Context) -> Message:
         cfg, node = RunConfig.parse(context.run_config), context.node_config
         job, down = protocol.read_job(msg)
         log.info("round %d: pruning layers %s with %s", job.round, job.layers, job.pruner)
-        worker = _worker(cfg.model, cfg.dtype, str(node["device"]) if "device" in node else None)
+        device = str(node["device"]) if "device" in node else None
+        worker = _worker(cfg.model, cfg.dtype, device, cfg.keep_dense)
         blob, metrics = worker.run(job, _client_data(cfg, node), down)
     except Exception as err:  # noqa: BLE001 - every failure must reach the server as a reason
         log.error("pruning job failed: %s", traceback.format_exc())

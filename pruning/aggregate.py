@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -53,24 +54,29 @@ def _checked(updates: Iterable[Update]) -> Iterator[Update]:
 
 
 def _accumulate(
-    updates: Iterable[Update], with_sum: bool
+    updates: Iterable[Update], with_sum: bool, scales: Sequence[float] | None = None
 ) -> tuple[torch.Tensor | None, torch.Tensor, int, torch.dtype]:
-    """Fold clients into (float32 sum of kept values, keep count, clients, weight dtype)."""
+    """Fold clients into (float32 sum of kept values, keep count, clients, weight dtype); with
+    ``scales`` the sum is of ``scale * value`` and ``count`` the float32 sum of kept scales."""
     total = count = None
     n = 0
-    for weight, mask in _checked(updates):
+    for i, (weight, mask) in enumerate(_checked(updates)):
         if count is None:
             dtype = weight.dtype
-            count = torch.zeros(weight.shape, dtype=torch.uint8)
+            count = torch.zeros(
+                weight.shape, dtype=torch.uint8 if scales is None else torch.float32
+            )
             total = torch.zeros(weight.shape, dtype=torch.float32) if with_sum else None
         n += 1
-        if n == 256:  # uint8 counts up to 255 clients
+        if n == 256 and scales is None:  # uint8 counts up to 255 clients
             count = count.to(torch.int32)
+        scale = 1.0 if scales is None else float(scales[i])
         flat_w, flat_m, flat_c = weight.reshape(-1), mask.reshape(-1), count.view(-1)
         for blk in _blocks(flat_c.numel(), _BLOCK):
-            flat_c[blk] += flat_m[blk]
+            flat_c[blk] += flat_m[blk] if scales is None else flat_m[blk] * scale
             if total is not None:  # where(): a weight outside its own mask never counts
-                total.view(-1)[blk] += torch.where(flat_m[blk], flat_w[blk], 0)
+                kept = torch.where(flat_m[blk], flat_w[blk], 0)
+                total.view(-1)[blk] += kept if scales is None else kept.float() * scale
         del weight, mask, flat_w, flat_m
     if count is None:
         raise ValueError("no client updates to aggregate")
@@ -266,24 +272,79 @@ MERGES = {
 ROBUST = ("l0-trimmed", "l0-median")  # merges that may replace "l0" (RunConfig.aggregator)
 
 
+def _weighted_l0(sources: Sequence[Source], scales: Sequence[float]) -> Combined:
+    """ℓ0 mean weighted per client (by its routed tokens): ``Σ s·w / Σ s`` over the clients
+    that kept each position; the keep count for the expansion stays the number of them."""
+    total, weight_sum, _, dtype = _accumulate((r() for r in sources), True, scales)
+    _, count, n, _ = _accumulate((r() for r in sources), with_sum=False)
+    flat_t, flat_s = total.view(-1), weight_sum.view(-1)
+    for blk in _blocks(flat_t.numel(), _BLOCK):
+        flat_t[blk] /= flat_s[blk].clamp(min=1e-30)
+    return total.to(dtype), count, n
+
+
+def _expert(read: Source, index: int) -> Update:
+    weight, mask = read()
+    return weight[index], mask[index]
+
+
+def _merge_experts(
+    merge: str,
+    sources: Sequence[Source],
+    target: Target,
+    dense: Dense | None,
+    per_row: bool,
+    tokens: Sequence[Sequence[int]] | None,
+    experts: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fused ``[experts, out, in]`` tensor, merged and expanded expert by expert: each
+    expert's matrix gets exactly the target. With ``tokens`` (per client, per expert) a client
+    that routed no token to an expert does not vote on it (unless no client did), and the ℓ0
+    mean weights each client's expert by its tokens. Each client is read once per expert."""
+    weights, masks = [], []
+    for e in range(experts):
+        counts = [t[e] for t in tokens] if tokens is not None else [1] * len(sources)
+        voters = [i for i, c in enumerate(counts) if c > 0] or list(range(len(sources)))
+        subs = [partial(_expert, sources[i], e) for i in voters]
+        sub_dense = (lambda e=e: dense()[e]) if dense is not None else None
+        if merge == "l0" and tokens is not None and any(counts):
+            weight, count, n = _weighted_l0(subs, [counts[i] for i in voters])
+            weight, mask = expand_mask(weight, count, n, target.sparsity, target.pattern, per_row)
+        else:
+            weight, mask = merge_tensor(merge, subs, target, sub_dense, per_row)
+        weights.append(weight)
+        masks.append(mask)
+    return torch.stack(weights), torch.stack(masks)
+
+
 def merge_tensor(
     merge: str,
     sources: Sequence[Source],
     target: Target,
     dense: Dense | None = None,
     per_row: bool = False,
+    tokens: Sequence[Sequence[int]] | None = None,
+    experts: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge one tensor over the clients that pruned it; returns ``(weight, keep mask)``.
 
     ``sources`` re-read one client's ``(weight, mask)`` per call (e.g. from its stored payload);
     ``dense`` returns the base weight (needed by the mask vote only). The weight comes back in
     the clients' dtype (the dense one's for the vote), pruned to exactly the target in the scope
-    chosen by the target's pattern and ``per_row`` (see :func:`expand_mask`).
+    chosen by the target's pattern and ``per_row`` (see :func:`expand_mask`). A fused expert
+    tensor (``experts`` > 0) is merged per expert, weighted by ``tokens`` (one list of routed
+    token counts per source, or ``None``): see :func:`_merge_experts`.
     """
     if merge not in MERGES:
         raise ValueError(f"unknown merge {merge!r}; choose from {', '.join(MERGES)}")
     if not sources:
         raise ValueError("no client updates to aggregate")
+    if tokens is not None and (
+        len(tokens) != len(sources) or any(len(t) != experts for t in tokens)
+    ):
+        raise ValueError(f"need {experts} expert token counts for each of {len(sources)} sources")
+    if experts:
+        return _merge_experts(merge, sources, target, dense, per_row, tokens, experts)
 
     def no_dense() -> torch.Tensor:
         raise ValueError(f"the {merge} merge takes its weights from the dense model; pass dense")

@@ -1,7 +1,8 @@
 """``fedspallm``: fetch the embedded model, prune a model centrally, evaluate perplexity.
 
 Bad input (missing file, sparsity outside [0, 1), a pattern that is not N:M, an unknown
-architecture) prints one ``error: ...`` line and exits with status 2.
+architecture, a decoder weight no rule prunes) prints one ``error: ...`` line and exits with
+status 2.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 from .data import DataError
+from .driver import MIN_EXPERT_TOKENS
 from .models import DEFAULT_DTYPE, DEFAULT_MODEL, DTYPES, EMBEDDED, ModelError
 from .pruners import METHODS
 from .sparsity import SparsityError
@@ -54,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--seed", type=int, default=0)
     prune.add_argument("--layers", default=None, help="comma-separated layer indices (all)")
     prune.add_argument("--true-sequential", action="store_true")
+    prune.add_argument(
+        "--keep-dense",
+        default="",
+        metavar="PATTERNS",
+        help="comma-separated decoder weights no rule prunes, to keep dense (e.g. mlp.foo.weight)",
+    )
     prune.add_argument("--out", type=Path, required=True, help="output directory")
     _add_eval(prune, "--eval-data")
 
@@ -96,7 +104,8 @@ def _cmd_prune(args) -> dict:
         raise FileExistsError(f"{args.out} exists and is not empty")
     for source in (args.calib_data, *args.eval_data):
         check_source(source)
-    model, tokenizer = load_model(args.model, args.dtype)
+    keep_dense = [k.strip() for k in args.keep_dense.split(",") if k.strip()]
+    model, tokenizer = load_model(args.model, args.dtype, keep_dense=keep_dense)
     layers = list(range(num_layers(model)))
     if args.layers:
         chosen = [int(i) for i in args.layers.split(",") if i.strip().isdigit()]
@@ -117,6 +126,9 @@ def _cmd_prune(args) -> dict:
         },
         "seconds": report.seconds,
         "layer_errors": {i: r.rel_error for i, r in report.layers.items()},
+        "expert_tokens": report.expert_tokens(),
+        "expert_fallbacks": report.fallbacks(),
+        "keep_dense": keep_dense,
         "sparsity": sparsity_report(model),
         "perplexity": _evaluate(
             model, tokenizer, args.eval_data, args.seqlen, args.device, args.max_windows
@@ -139,7 +151,7 @@ def _cmd_eval(args) -> dict:
     model, tokenizer = load_model(args.model, args.dtype)
     return {
         "model": args.model,
-        "sparsity": sparsity_report(model)["overall"],
+        "sparsity": sparsity_report(model),
         "perplexity": _evaluate(
             model, tokenizer, args.data, args.seqlen, args.device, args.max_windows
         ),
@@ -151,9 +163,17 @@ def _print_text(result: dict) -> None:
         if key in result:
             print(f"{key}: {result[key]}")
     sparsity = result.get("sparsity")
-    if sparsity is not None:
-        overall = sparsity["overall"] if isinstance(sparsity, dict) else sparsity
-        print(f"sparsity: {overall:.4f}")
+    if isinstance(sparsity, dict):
+        from .evaluate import describe_sparsity
+
+        print("\n".join(describe_sparsity(sparsity)))
+    elif sparsity is not None:
+        print(f"sparsity: {sparsity:.4f}")
+    for fb in result.get("expert_fallbacks", []):
+        print(
+            f"expert fallback (magnitude, {fb['tokens']} routed tokens < {MIN_EXPERT_TOKENS}): "
+            f"{fb['weight']}[{fb['expert']}]"
+        )
     for src, ppl in result.get("perplexity", {}).items():
         print(f"perplexity[{src}]: {ppl:.3f}")
 

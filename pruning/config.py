@@ -82,6 +82,9 @@ class RunConfig(PruneSpec):
     screen_mad: float = 6.0  # k of the pooled test: median + k * 1.4826 * MAD
     screen_max_deviation: float = 1.25  # absolute bound on a tensor's relative deviation
     resume: str = ""  # run directory of an interrupted run to continue ("": a new run)
+    # decoder weights (name patterns) that no rule prunes and the run may leave dense; any
+    # other such weight stops the run (pruning.models.check_layout)
+    keep_dense: tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, values: Mapping[str, Any]) -> RunConfig:

@@ -7,8 +7,8 @@ layer sees the outputs of the *pruned* layer. Layers not chosen are only propaga
 decoder layer is on the accelerator at a time.
 
 A *refinement* (``start`` given) runs each chosen layer once, as it is loaded (the merged,
-already sparse layer the server sent): that one pass records its linears' inputs and feeds the
-next layer, so statistics and inputs are those of the merged model. Each linear then restarts
+already sparse layer the server sent): that one pass records its weights' inputs and feeds the
+next layer, so statistics and inputs are those of the merged model. Each weight then restarts
 from ``start(key)`` (the dense base weight) and is solved for its fixed mask: one forward pass
 per layer instead of two.
 """
@@ -18,14 +18,21 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-from .models import default_device, get_adapter, linear_groups
-from .pruners import make_pruner
+from .models import LayoutError, Weight, default_device, get_adapter, linear_groups
+from .pruners import MagnitudePruner, Pruner, make_pruner
 from .sparsity import Target
+
+# an expert that saw fewer routed calibration tokens than this is pruned by magnitude (a
+# Hessian or input norm from a handful of tokens fits those tokens, not the expert's inputs)
+MIN_EXPERT_TOKENS = 8
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +59,12 @@ class LayerReport:
     # ‖Y_dense − Y_pruned‖ / ‖Y_dense‖ of the layer's output; None for a refinement, which
     # saves the extra forward pass that would measure it
     rel_error: float | None
-    sparsity: dict[str, float] = field(default_factory=dict)  # linear name -> pruned fraction
+    sparsity: dict[str, float] = field(default_factory=dict)  # weight name -> pruned fraction
     masks: dict[str, torch.Tensor] = field(default_factory=dict)  # state-dict key -> keep mask
+    # state-dict key of an expert weight -> tokens routed to each of its experts
+    expert_tokens: dict[str, list[int]] = field(default_factory=dict)
+    # (state-dict key, expert, tokens) of each expert pruned by magnitude for want of tokens
+    fallbacks: list[tuple[str, int | None, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -64,6 +75,20 @@ class PruneReport:
 
     def masks(self) -> dict[str, torch.Tensor]:
         return {k: m for r in self.layers.values() for k, m in r.masks.items()}
+
+    def expert_tokens(self) -> dict[str, list[int]]:
+        return {k: c for r in self.layers.values() for k, c in r.expert_tokens.items()}
+
+    def fallbacks(self) -> list[dict]:
+        """Every expert pruned by magnitude because too few tokens reached it."""
+        return [
+            {"weight": k, "expert": e, "tokens": c}
+            for r in self.layers.values()
+            for k, e, c in r.fallbacks
+        ]
+
+
+_ARGS = "__args__"  # where capture_inputs keeps the positional arguments of layer 0
 
 
 class _Captured(Exception):
@@ -89,11 +114,13 @@ def _to(obj, device: torch.device):
 def capture_inputs(
     model: nn.Module, calib: torch.Tensor, device: torch.device, batch_size: int
 ) -> tuple[list[torch.Tensor], dict[int, dict]]:
-    """Hidden states entering decoder layer 0 (one tensor per batch) and the layer's kwargs.
+    """Hidden states entering decoder layer 0 (one tensor per batch) and the layer's other
+    arguments.
 
     The whole model runs on its own device (CPU for large models) up to layer 0, where a
-    stand-in records what it receives and aborts the forward pass. The kwargs are kept per
+    stand-in records what it receives and aborts the forward pass. The arguments are kept per
     batch size: a shorter last batch needs its own (eager attention masks are ``[B, 1, L, L]``).
+    Positional ones (GPT-2 passes its mask so) are kept under ``_ARGS``.
     """
     layers = get_adapter(model).layers(model)
     first = layers[0]
@@ -107,7 +134,7 @@ def capture_inputs(
 
         def forward(self, hidden, *args, **kw):
             seen.append(hidden.to(device))
-            kwargs.setdefault(hidden.shape[0], kw)
+            kwargs.setdefault(hidden.shape[0], {**kw, _ARGS: args})
             raise _Captured
 
     layers[0] = Catcher()
@@ -120,7 +147,7 @@ def capture_inputs(
                 pass
     finally:
         layers[0] = first
-    drop = ("past_key_value", "cache", "use_cache")
+    drop = ("past_key_value", "past_key_values", "layer_past", "cache", "use_cache")
     kwargs = {b: {k: v for k, v in kw.items() if k not in drop} for b, kw in kwargs.items()}
     return seen, _to(kwargs, device)
 
@@ -130,63 +157,172 @@ def _forward(
 ) -> list[torch.Tensor]:
     outs = []
     for x in inps:
-        y = layer(x, **kwargs[x.shape[0]])
+        kw = dict(kwargs[x.shape[0]])
+        y = layer(x, *kw.pop(_ARGS, ()), **kw)
         outs.append(y[0] if isinstance(y, (tuple, list)) else y)
     return outs
 
 
-@torch.no_grad()
-def _prune_group(layer, names, inps, kwargs, cfg, target_of, device, collect, start=None):
-    """Record the inputs of ``names`` over all calibration batches, then prune them.
+@dataclass
+class _Unit:
+    """One matrix a pruner sees: a weight, or one expert of a fused expert weight."""
 
-    With ``collect`` the layer runs to the end and its outputs (before pruning) are returned;
-    otherwise the forward pass stops as soon as every linear of the group has seen its input.
-    ``start`` maps a linear's name to the weight its pruning starts from (default: its own).
+    weight: Weight
+    expert: int | None  # index along a fused weight's first axis
+    pruner: Pruner
+
+    def matrix(self, layer: nn.Module) -> torch.Tensor:
+        return self.part(self.weight.view(layer))
+
+    def part(self, view: torch.Tensor) -> torch.Tensor:
+        """This unit's matrix of a whole weight in the pruners' orientation."""
+        return view if self.expert is None else view[self.expert]
+
+    @property
+    def is_expert(self) -> bool:
+        return self.expert is not None or self.weight.expert is not None
+
+
+class _ExpertTap(TorchFunctionMode):
+    """Feeds each ``F.linear(x, W[e])`` on a fused expert parameter ``W`` to expert ``e``'s
+    pruner. The eager expert loop calls it with exactly the tokens the router sent to ``e``."""
+
+    def __init__(self, params: dict[str, torch.Tensor], feed: Callable) -> None:
+        super().__init__()
+        self.params, self.feed, self.calls = params, feed, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+            for name, p in self.params.items():
+                base = p.untyped_storage().data_ptr()
+                if w.dim() == 2 and w.untyped_storage().data_ptr() == base:
+                    self.feed(name, (w.storage_offset() - p.storage_offset()) // p.stride(0), x)
+                    self.calls += 1
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def _tapped(layer: nn.Module, fused: list[Weight], feed: Callable):
+    """Run the fused expert modules of ``fused`` eagerly (transformers 5 may dispatch them to a
+    grouped matmul that never slices per expert) under an :class:`_ExpertTap`."""
+    modules: dict[str, list[Weight]] = {}
+    for w in fused:
+        modules.setdefault(w.module, []).append(w)
+    taps = []
+    for path, weights in modules.items():
+        module = layer.get_submodule(path)
+        tap = _ExpertTap({w.name: layer.get_parameter(w.name) for w in weights}, feed)
+        taps.append((path, tap))
+
+        def forward(*args, _orig=module.forward, _tap=tap, _module=module, **kw):
+            config = getattr(_module, "config", None)
+            saved = getattr(config, "_experts_implementation", None)
+            if config is not None:
+                config._experts_implementation = "eager"
+            try:
+                with _tap:
+                    return _orig(*args, **kw)
+            finally:
+                if config is not None:
+                    config._experts_implementation = saved
+
+        module.forward = forward
+    try:
+        yield
+    finally:
+        for path, _ in taps:
+            del layer.get_submodule(path).forward
+    for path, tap in taps:
+        if tap.calls == 0:
+            raise LayoutError(
+                f"fused experts {path}: no per-expert F.linear call seen in the eager forward; "
+                "this expert layout is not supported"
+            )
+
+
+@torch.no_grad()
+def _prune_group(layer, weights, inps, kwargs, cfg, target_of, device, collect, start=None):
+    """Record the inputs of ``weights`` over all calibration batches, then prune them.
+
+    Experts (fused or per-expert linears) are calibrated on the tokens routed to them; one with
+    fewer than ``MIN_EXPERT_TOKENS`` is pruned by magnitude instead. With ``collect`` the layer
+    runs to the end and its (still dense) outputs are returned; otherwise the forward pass stops
+    as soon as every plain weight of the group has seen its input. ``start`` maps a weight's
+    name to the tensor its pruning starts from (default: the weight itself).
+    Returns ``(masks, outs, tokens, fallbacks)``.
     """
-    modules = {n: layer.get_submodule(n) for n in names}
-    pruners = {
-        n: make_pruner(cfg.method, m.weight.shape[1], device, cfg.blocksize, cfg.percdamp)
-        for n, m in modules.items()
+    units = {
+        (w.name, e): _Unit(
+            w, e, make_pruner(cfg.method, w.shape[-1], device, cfg.blocksize, cfg.percdamp)
+        )
+        for w in weights
+        for e in (range(w.experts) if w.experts else [None])
     }
-    outs = None
-    if collect or any(p.needs_inputs for p in pruners.values()):
+    plain = {w.name: w for w in weights if not w.experts}
+    fused = [w for w in weights if w.experts]
+    outs, ran = None, False
+    if collect or any(u.pruner.needs_inputs for u in units.values()):
         fired: set[str] = set()
-        seen: list[tuple[torch.Tensor, str]] = []  # linears fed the same tensor share statistics
+        seen: list[tuple[torch.Tensor, str]] = []  # weights fed the same tensor share statistics
+        stop = not collect and not fused
 
         def hook(name):
             def fn(module, args, output):
                 first = next((n for t, n in seen if t is args[0]), None)
                 if first is None:
-                    pruners[name].add_batch(args[0])
+                    units[name, None].pruner.add_batch(args[0])
                     seen.append((args[0], name))
                 else:
-                    pruners[name] = pruners[first]
+                    units[name, None].pruner = units[first, None].pruner
                 fired.add(name)
-                if not collect and len(fired) == len(modules):
+                if stop and len(fired) == len(plain):
                     raise _StopForward
 
             return fn
 
-        handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+        def feed(name, expert, x):
+            units[name, expert].pruner.add_batch(x)
+
+        handles = [
+            layer.get_submodule(w.module).register_forward_hook(hook(n)) for n, w in plain.items()
+        ]
         outs = []
         try:
-            for x in inps:
-                fired.clear()
-                seen.clear()
-                try:
-                    outs.extend(_forward(layer, [x], kwargs))
-                except _StopForward:
-                    pass
+            with _tapped(layer, fused, feed):
+                for x in inps:
+                    fired.clear()
+                    seen.clear()
+                    try:
+                        outs.extend(_forward(layer, [x], kwargs))
+                    except _StopForward:
+                        pass
         finally:
             for h in handles:
                 h.remove()
-    masks = {}
-    for n, m in modules.items():
-        weight = m.weight.data if start is None else start(n).to(m.weight.device, m.weight.dtype)
-        result = pruners[n].prune(weight, target_of(n))
-        m.weight.data = result.weight
-        masks[n] = result.mask.cpu()
-    return masks, outs
+        ran = True
+    masks, tokens, fallbacks = {}, {}, []
+    for w in weights:
+        parts, counts = [], []
+        for e in range(w.experts) if w.experts else [None]:
+            unit = units[w.name, e]
+            pruner, count = unit.pruner, unit.pruner.nsamples if ran else None
+            if unit.is_expert and count is not None:
+                counts.append(count)
+                if pruner.needs_inputs and count < MIN_EXPERT_TOKENS:
+                    pruner = MagnitudePruner(w.shape[-1], device)
+                    fallbacks.append((w.name, e if e is not None else w.expert, count))
+            target = target_of(w.name)
+            matrix = unit.matrix(layer)
+            source = matrix if start is None else unit.part(start(w.name)).to(matrix)
+            result = pruner.prune(source, target if e is None else target.part(e))
+            matrix.copy_(result.weight)
+            parts.append(result.mask.cpu())
+        masks[w.name] = torch.stack(parts) if w.experts else parts[0]
+        if counts:
+            tokens[w.name] = counts
+    return masks, outs, tokens, fallbacks
 
 
 @torch.no_grad()
@@ -204,8 +340,6 @@ def prune_layers(
 
     ``calib`` is a ``[N, seqlen]`` token tensor. Layers after the last chosen one are not run.
     ``targets`` maps a weight's state-dict key to its :class:`Target` (default: ``cfg``'s).
-    ``start`` makes it a refinement (see the module docstring): it maps a weight's key to the
-    weight each chosen linear is solved from, on the statistics of the layer as loaded.
     """
     default = cfg.target()
     targets = targets or (lambda key: default)
@@ -232,20 +366,23 @@ def prune_layers(
                 t0 = time.perf_counter()
                 masks, dense = {}, None
                 prefix = adapter.prefix(i)
-                # a refinement records every linear in its one pass
-                for names in linear_groups(layer, adapter, cfg.true_sequential and start is None):
-                    group_masks, outs = _prune_group(
+                tokens, fallbacks = {}, []
+                # a refinement records every weight in its one pass
+                for weights in linear_groups(layer, adapter, cfg.true_sequential and not start):
+                    group_masks, outs, group_tokens, group_fallbacks = _prune_group(
                         layer,
-                        names,
+                        weights,
                         inps,
                         kwargs,
                         cfg,
-                        lambda n, p=prefix: targets(f"{p}{n}.weight"),
+                        lambda n, p=prefix: targets(f"{p}{n}"),
                         device,
                         collect=dense is None,
-                        start=start and (lambda n, p=prefix: start(f"{p}{n}.weight")),
+                        start=start and (lambda n, p=prefix: start(f"{p}{n}")),
                     )
                     masks.update(group_masks)
+                    tokens.update(group_tokens)
+                    fallbacks += group_fallbacks
                     dense = dense if dense is not None else outs
                 rel_error = None
                 if start is None:
@@ -257,13 +394,15 @@ def prune_layers(
                     den = sum(float(d.float().pow(2).sum()) for d in dense)
                     rel_error = (num / den) ** 0.5 if den else 0.0
                 else:
-                    inps = dense
+                    inps = dense  # the outputs of the layer as loaded: the merged model's flow
                 report.layers[i] = LayerReport(
                     index=i,
                     seconds=time.perf_counter() - t0,
                     rel_error=rel_error,
                     sparsity={n: 1.0 - float(m.float().mean()) for n, m in masks.items()},
-                    masks={f"{prefix}{n}.weight": m for n, m in masks.items()},
+                    masks={f"{prefix}{n}": m for n, m in masks.items()},
+                    expert_tokens={f"{prefix}{n}": c for n, c in tokens.items()},
+                    fallbacks=[(f"{prefix}{n}", e, c) for n, e, c in fallbacks],
                 )
                 bar(report.layers[i])
             else:

@@ -8,6 +8,7 @@ between these two classes.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -26,6 +27,7 @@ from .models import (
     load_model,
     num_layers,
     prunable_shapes,
+    prunable_views,
 )
 from .payload import Expected, PayloadMeta, StoredPayload, decode_payload, encode_payload
 from .sparsity import Target
@@ -123,7 +125,7 @@ class ClientData:
         return torch.cat(windows)
 
 
-def flat_shapes(layer_shapes: dict[int, dict[str, tuple[int, int]]]) -> dict[str, tuple[int, int]]:
+def flat_shapes(layer_shapes: dict[int, dict[str, tuple[int, ...]]]) -> dict[str, tuple[int, ...]]:
     """``{state_dict key: shape}`` over all layers (what a payload may contain)."""
     return {k: s for layer in layer_shapes.values() for k, s in layer.items()}
 
@@ -135,8 +137,14 @@ class ClientWorker:
     job: every job starts from the base model plus whatever global layers the server sent.
     """
 
-    def __init__(self, model_spec: str, dtype: str = DEFAULT_DTYPE, device: str | None = None):
-        self.model, self.tokenizer = load_model(model_spec, dtype)
+    def __init__(
+        self,
+        model_spec: str,
+        dtype: str = DEFAULT_DTYPE,
+        device: str | None = None,
+        keep_dense: tuple[str, ...] = (),
+    ):
+        self.model, self.tokenizer = load_model(model_spec, dtype, keep_dense=keep_dense)
         self.device = device
         self.shapes = flat_shapes(prunable_shapes(self.model))
         self.base = {
@@ -195,6 +203,7 @@ class ClientWorker:
             job.pruner,
             report.tokens,
             phase=job.phase,
+            expert_tokens={k: c for k, c in report.expert_tokens().items() if k in weights},
         )
         blob = encode_payload(weights, meta, {k: masks[k] for k in weights})
         errors = [e for i in job.layers if (e := report.layers[i].rel_error) is not None]
@@ -213,11 +222,13 @@ class ClientWorker:
 class GlobalModel:
     """The server's model: base weights, replaced layer by layer by aggregated ones."""
 
-    def __init__(self, model_spec: str, dtype: str = DEFAULT_DTYPE):
-        self.model, self.tokenizer = load_model(model_spec, dtype)
+    def __init__(
+        self, model_spec: str, dtype: str = DEFAULT_DTYPE, keep_dense: tuple[str, ...] = ()
+    ):
+        self.model, self.tokenizer = load_model(model_spec, dtype, keep_dense=keep_dense)
         self.layer_shapes = prunable_shapes(self.model)
         self.shapes = flat_shapes(self.layer_shapes)
-        self.params = dict(self.model.named_parameters())
+        self.params = prunable_views(self.model)  # in the payloads' orientation
 
     @property
     def num_layers(self) -> int:
@@ -230,12 +241,13 @@ class GlobalModel:
     def dense_bytes(self, layers: list[int]) -> int:
         """Bytes of the dense prunable weights of ``layers`` (the payload size cap's basis)."""
         size = self.dtype.itemsize
-        return sum(a * b * size for i in layers for a, b in self.layer_shapes[i].values())
+        return sum(math.prod(s) * size for i in layers for s in self.layer_shapes[i].values())
 
     def layer_bytes(self) -> int:
-        """Memory one layer needs while pruned: weights plus an fp32 Hessian per input width."""
-        shapes = self.layer_shapes[0].values()
-        return self.dense_bytes([0]) + sum(4 * b * b for _, b in set(shapes))
+        """Memory one layer needs while pruned: weights plus an fp32 Hessian per input width
+        (one per expert for fused experts)."""
+        inputs = {s[:-2] + s[-1:] for s in self.layer_shapes[0].values()}
+        return self.dense_bytes([0]) + sum(4 * math.prod(s) * s[-1] for s in inputs)
 
     def encode(
         self, layers: list[int], round: int, sparsity: float, pattern: str, dtype: str = ""

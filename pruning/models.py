@@ -8,9 +8,11 @@ embedded model is converted once from the GGUF file shipped inside a PyPI wheel 
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -136,11 +138,17 @@ def _resolve(spec: str) -> tuple[str, dict]:
     return spec, {}  # a hub id
 
 
-def load_model(spec: str, dtype: str = DEFAULT_DTYPE, device: str | None = None):
+def load_model(
+    spec: str,
+    dtype: str = DEFAULT_DTYPE,
+    device: str | None = None,
+    keep_dense: Iterable[str] = (),
+):
     """Load ``(model, tokenizer)`` in eval mode; the model stays on ``device`` (default CPU).
 
     The driver moves one decoder layer at a time to the accelerator, so a model larger than the
-    accelerator's memory can still be pruned.
+    accelerator's memory can still be pruned. The layout is checked here (:func:`check_layout`
+    with ``keep_dense``), so a model we would half-prune fails before any work is done.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -159,21 +167,103 @@ def load_model(spec: str, dtype: str = DEFAULT_DTYPE, device: str | None = None)
     model.eval()
     if device is not None:
         model.to(device)
-    get_adapter(model)  # fail early on an architecture we cannot prune
+    check_layout(model, keep_dense)
     return model, tokenizer
+
+
+class LayoutError(ModelError):
+    """A decoder layer holds a weight matrix that no rule prunes (and the user did not list)."""
+
+
+# where a family's layers see their inputs, for true-sequential pruning only: each group is
+# pruned after the previous groups of the same layer, on inputs that already went through them.
+# Layers are found and weights recognised without this table (see ``decoder_layers``).
+_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_LLAMA = (_ATTN, ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+_MOE = (
+    _ATTN,
+    ("self_attn.o_proj",),
+    ("mlp.experts.gate_up_proj", "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"),
+    ("mlp.experts.down_proj", "mlp.shared_expert.down_proj"),
+)
+SEQUENTIAL_GROUPS: dict[str, tuple[tuple[str, ...], ...]] = {
+    **dict.fromkeys(
+        ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "smollm3"), _LLAMA
+    ),
+    "phi3": (
+        ("self_attn.qkv_proj",),
+        ("self_attn.o_proj",),
+        ("mlp.gate_up_proj",),
+        ("mlp.down_proj",),
+    ),
+    "opt": (_ATTN, ("self_attn.out_proj",), ("fc1",), ("fc2",)),
+    **dict.fromkeys(("mixtral", "qwen2_moe", "qwen3_moe"), _MOE),
+    "gpt_neox": (
+        ("attention.query_key_value",),
+        ("attention.dense",),
+        ("mlp.dense_h_to_4h",),
+        ("mlp.dense_4h_to_h",),
+    ),
+    "falcon": (
+        ("self_attention.query_key_value",),
+        ("self_attention.dense",),
+        ("mlp.dense_h_to_4h",),
+        ("mlp.dense_4h_to_h",),
+    ),
+    "gpt2": (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
+}
+# a 2-D weight of a module with one of these names (or a class named ``*Router``) routes tokens
+# to experts: it stays dense, pruning it would change which experts run
+ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
+_EXPERT_RE = re.compile(r"(?:^|\.)experts\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Weight:
+    """A prunable weight of one decoder layer, as the pruners see it: ``[..., out, in]``.
+
+    ``kind`` is ``linear`` (``nn.Linear``), ``conv1d`` (GPT-2's ``Conv1D``, stored ``[in, out]``
+    and seen transposed) or ``experts`` (a fused ``[experts, out, in]`` parameter, each expert
+    pruned as its own matrix).
+    """
+
+    name: str  # parameter path inside the layer: "mlp.up_proj.weight", "mlp.experts.down_proj"
+    kind: str
+    shape: tuple[int, ...]
+
+    @property
+    def module(self) -> str:
+        return self.name.rpartition(".")[0]
+
+    @property
+    def label(self) -> str:
+        """The name the family tables use: a linear's module path, a fused parameter's path."""
+        return self.module if self.kind != "experts" else self.name
+
+    @property
+    def experts(self) -> int:
+        """Number of experts fused in this parameter (0: a plain matrix)."""
+        return self.shape[0] if self.kind == "experts" else 0
+
+    @property
+    def expert(self) -> int | None:
+        """The expert index of a per-expert ``nn.Linear`` (``experts.3.w1``), else ``None``."""
+        match = _EXPERT_RE.search(f".{self.name}")
+        return int(match.group(1)) if match else None
+
+    def view(self, layer: nn.Module) -> torch.Tensor:
+        """The live parameter in the pruners' orientation (writes go to the model)."""
+        param = layer.get_parameter(self.name)
+        return param.t() if self.kind == "conv1d" else param
 
 
 @dataclass(frozen=True)
 class Adapter:
-    """Where a family keeps its decoder layers and the order its linears see their inputs.
-
-    ``groups`` is the true-sequential order: each group is pruned after the previous groups of
-    the same layer, on inputs that already went through them.
-    """
+    """Where a model keeps its decoder layers, and its family's true-sequential order."""
 
     family: str
     layers_path: str
-    groups: tuple[tuple[str, ...], ...]
+    groups: tuple[tuple[str, ...], ...] = ()
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers_path)
@@ -182,87 +272,158 @@ class Adapter:
         return f"{self.layers_path}.{index}."
 
 
-ADAPTERS = (
-    Adapter(
-        "llama",  # llama, mistral, qwen2, SmolLM, ...: model.model.layers
-        "model.layers",
-        (
-            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-            ("self_attn.o_proj",),
-            ("mlp.gate_proj", "mlp.up_proj"),
-            ("mlp.down_proj",),
-        ),
-    ),
-    Adapter(
-        "opt",
-        "model.decoder.layers",
-        (
-            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-            ("self_attn.out_proj",),
-            ("fc1",),
-            ("fc2",),
-        ),
-    ),
-)
+def _kind(model: nn.Module) -> str:
+    return getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+
+
+def decoder_layers(model: nn.Module) -> str:
+    """Path of the decoder block list: the ``ModuleList`` of same-class blocks holding the most
+    parameters (``model.layers``, ``model.decoder.layers``, ``gpt_neox.layers``, ``transformer.h``).
+    """
+    best: tuple[int, int, str] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and len(set(map(type, module))) == 1:
+            size = sum(p.numel() for p in module.parameters())
+            best = max(best or (size, -name.count("."), name), (size, -name.count("."), name))
+    if best is None or best[0] == 0:
+        raise ModelError(
+            f"unknown architecture {_kind(model)!r}: no ModuleList of repeated decoder blocks"
+        )
+    return best[2]
 
 
 def get_adapter(model: nn.Module) -> Adapter:
-    """The adapter whose layer list exists in ``model``; a clear error otherwise."""
-    for adapter in ADAPTERS:
-        try:
-            layers = adapter.layers(model)
-        except AttributeError:
-            continue
-        if isinstance(layers, nn.ModuleList) and len(layers):
-            return adapter
-    kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-    raise ModelError(
-        f"unknown architecture {kind!r}: no decoder layers at "
-        + " or ".join(a.layers_path for a in ADAPTERS)
-    )
+    """The model's decoder layers and its family's group order (none for an unknown family)."""
+    family = _kind(model)
+    return Adapter(family, decoder_layers(model), SEQUENTIAL_GROUPS.get(family, ()))
 
 
-def linear_groups(layer: nn.Module, adapter: Adapter, true_sequential: bool) -> list[list[str]]:
-    """Prunable linears of one layer, grouped for the driver.
+def _is_conv1d(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
 
-    Linears that the family's table does not name (an unusual variant) form a last group, so
-    nothing prunable is silently skipped.
+    return isinstance(module, Conv1D)
+
+
+def _is_router(name: str, module: nn.Module) -> bool:
+    return name.rpartition(".")[2] in ROUTER_NAMES or type(module).__name__.endswith("Router")
+
+
+def classify(layer: nn.Module) -> tuple[list[Weight], dict[str, str]]:
+    """A layer's prunable weights, and its other weight matrices (2-D or more) with the reason
+    they stay dense: ``router`` and ``bias`` by rule, anything else refused by
+    :func:`check_layout` (``unrecognised``, or why the layout is not supported)."""
+    prunable, dense = [], {}
+    for name, module in layer.named_modules():
+        own = dict(module.named_parameters(prefix=name, recurse=False))
+        fused = hasattr(module, "num_experts") or type(module).__name__.endswith("Experts")
+        for key, param in own.items():
+            key = key.lstrip(".")
+            if param.dim() < 2:
+                continue
+            if _is_router(name, module):
+                dense[key] = "router"
+            elif isinstance(module, nn.Linear) and key.endswith(".weight"):
+                prunable.append(Weight(key, "linear", tuple(param.shape)))
+            elif _is_conv1d(module) and key.endswith(".weight"):
+                prunable.append(Weight(key, "conv1d", tuple(param.shape[::-1])))
+            elif fused and key.endswith("bias"):
+                dense[key] = "bias"
+            elif fused and param.dim() == 3 and getattr(module, "is_transposed", False):
+                dense[key] = "fused experts stored transposed: not supported"
+            elif fused and param.dim() == 3:
+                prunable.append(Weight(key, "experts", tuple(param.shape)))
+            else:
+                dense[key] = "unrecognised"
+    return prunable, dense
+
+
+def _listed(key: str, patterns: Iterable[str]) -> bool:
+    """``key`` (``model.layers.3.mlp.foo.weight``) matches a keep-dense pattern, given for the
+    full key or for the name without the layer prefix (``mlp.foo.weight``, ``*.foo.*``)."""
+    short = key.split(".", 1)[1] if "." in key else key
+    return any(fnmatch.fnmatchcase(k, p) for p in patterns for k in (key, short))
+
+
+def check_layout(model: nn.Module, keep_dense: Iterable[str] = ()) -> Adapter:
+    """Refuse a model whose decoder layers hold a weight matrix that no rule prunes, unless
+    ``keep_dense`` lists it: a run would otherwise claim a sparsity the model does not have."""
+    adapter = get_adapter(model)
+    patterns = tuple(keep_dense)
+    unknown = {
+        f"{i}.{key}": why
+        for i, layer in enumerate(adapter.layers(model))
+        for key, why in classify(layer)[1].items()
+        if why not in ("router", "bias") and not _listed(f"{i}.{key}", patterns)
+    }
+    if unknown:
+        named = [
+            f"{adapter.layers_path}.{k}" + ("" if w == "unrecognised" else f" ({w})")
+            for k, w in unknown.items()
+        ]
+        raise LayoutError(
+            f"{_kind(model)!r}: no rule prunes the decoder weight(s) {', '.join(named[:4])}"
+            f"{' ...' if len(named) > 4 else ''}; list them in keep-dense (e.g. "
+            f"{next(iter(unknown)).split('.', 1)[1]!r}) to run with them dense"
+        )
+    return adapter
+
+
+def linear_groups(layer: nn.Module, adapter: Adapter, true_sequential: bool) -> list[list[Weight]]:
+    """Prunable weights of one layer, grouped for the driver.
+
+    Weights that the family's table does not name (an unusual variant, an unknown family) form
+    a last group, so nothing prunable is silently skipped.
     """
-    linears = [n for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
-    groups = [[n for n in g if n in linears] for g in adapter.groups]
-    named = {n for g in groups for n in g}
-    groups.append([n for n in linears if n not in named])
+    weights = classify(layer)[0]
+    by_label = {w.label: w for w in weights}
+    groups = [[by_label[n] for n in g if n in by_label] for g in adapter.groups]
+    named = {w for g in groups for w in g}
+    groups.append([w for w in weights if w not in named])
     groups = [g for g in groups if g]
-    return groups if true_sequential else [[n for g in groups for n in g]]
+    return groups if true_sequential else [[w for g in groups for w in g]]
 
 
 def num_layers(model: nn.Module) -> int:
     return len(get_adapter(model).layers(model))
 
 
-def prunable_shapes(model: nn.Module) -> dict[int, dict[str, tuple[int, int]]]:
-    """``{layer index: {state_dict key: (out, in)}}`` of every prunable weight."""
+def prunable_weights(model: nn.Module) -> dict[int, dict[str, tuple[nn.Module, Weight]]]:
+    """``{layer index: {state_dict key: (layer, weight)}}`` of every prunable weight."""
     adapter = get_adapter(model)
-    shapes: dict[int, dict[str, tuple[int, int]]] = {}
-    for i, layer in enumerate(adapter.layers(model)):
-        names = [n for g in linear_groups(layer, adapter, False) for n in g]
-        shapes[i] = {
-            f"{adapter.prefix(i)}{n}.weight": tuple(layer.get_submodule(n).weight.shape)
-            for n in names
-        }
-    return shapes
+    return {
+        i: {f"{adapter.prefix(i)}{w.name}": (layer, w) for w in classify(layer)[0]}
+        for i, layer in enumerate(adapter.layers(model))
+    }
+
+
+def prunable_shapes(model: nn.Module) -> dict[int, dict[str, tuple[int, ...]]]:
+    """``{layer index: {state_dict key: shape}}`` of every prunable weight, in the pruners'
+    orientation (``[out, in]``; ``[experts, out, in]`` for fused experts)."""
+    return {
+        i: {k: w.shape for k, (_, w) in layer.items()}
+        for i, layer in prunable_weights(model).items()
+    }
+
+
+def prunable_views(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every prunable weight as a live view in the pruners' orientation, by state_dict key:
+    what payloads carry and merges write (a GPT-2 ``Conv1D`` weight is seen transposed)."""
+    weights = prunable_weights(model).values()
+    return {k: w.view(m) for layer in weights for k, (m, w) in layer.items()}
 
 
 def layer_state(model: nn.Module, layer_ids: Iterable[int]) -> dict[str, torch.Tensor]:
-    """The prunable weights of the given layers, keyed like ``model.state_dict()``."""
-    shapes = prunable_shapes(model)
-    params = dict(model.named_parameters())
-    return {k: params[k].detach() for i in sorted(set(layer_ids)) for k in shapes[i]}
+    """The prunable weights of the given layers (views, see :func:`prunable_views`)."""
+    weights = prunable_weights(model)
+    return {
+        k: w.view(m).detach() for i in sorted(set(layer_ids)) for k, (m, w) in weights[i].items()
+    }
 
 
 def load_layer_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Write weights into the model in place (dtype and device of the model's own tensors)."""
-    params = dict(model.named_parameters())
+    """Write weights into the model in place (dtype and device of the model's own tensors);
+    prunable keys are taken in the pruners' orientation, others as stored."""
+    params = {**dict(model.named_parameters()), **prunable_views(model)}
     unknown = sorted(set(tensors) - set(params))
     if unknown:
         raise ModelError(f"tensors not in the model: {', '.join(unknown[:3])}")

@@ -9,7 +9,10 @@ matrix ``K`` travels as three tensors, modelled on compressed-tensors' ``sparse-
 * ``K.values``  original dtype ``[nnz]``: the kept values in row-major order.
 
 Row offsets are not stored: they follow from the bitmask and would be one more field that can
-disagree with it. At 50 % sparsity in fp16 this costs 1 + 1/8 bytes per weight instead of 2.
+disagree with it. A fused expert tensor ``[experts, out, in]`` travels the same way (its rows are
+the experts' rows, one after another); the metadata's ``expert_tokens`` then gives, per such
+key, how many calibration tokens the client's router sent to each expert. At 50 % sparsity in
+fp16 this costs 1 + 1/8 bytes per weight instead of 2.
 
 A ``refine`` payload answers a job that fixed the masks (the server's merged ones), so it carries
 no bitmask: its values are read against the receiver's own masks (:attr:`Expected.masks`). That
@@ -25,7 +28,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +38,8 @@ import torch
 from pruning.sparsity import SparsityError, as_int, parse_pattern
 
 FORMAT = "fedspallm-sparse-bitmask"
-FORMAT_VERSION = 3  # 2: explicit ``role`` (was ``pruner="global"``); 3: maskless refine payloads
+# 2: explicit ``role`` (was ``pruner="global"``); 3: maskless refine payloads; 4: expert_tokens
+FORMAT_VERSION = 4
 ROLES = ("update", "global")  # a client's pruned layers; aggregated layers sent by the server
 _PARTS = {"shape": "shape", "bitmask": "bitmask", "values": "value-count"}  # -> reason if absent
 MASKLESS_PHASE = "refine"  # a job with fixed masks: its payload carries values and shapes only
@@ -76,10 +80,16 @@ class PayloadMeta:
     calib_tokens: int = 0
     role: str = "update"  # one of ROLES
     phase: str = "prune"  # the job's phase: "prune" (own mask) or "refine" (server's mask)
+    # per fused expert tensor ``[experts, out, in]``: calibration tokens routed to each expert
+    # (the server weights this client's expert by it; 0: the client does not vote on it)
+    expert_tokens: dict[str, list[int]] = field(default_factory=dict)
 
     def to_strings(self) -> dict[str, str]:
         """safetensors metadata must be ``str -> str``."""
-        fields = {k: json.dumps(v) if k == "layers" else str(v) for k, v in asdict(self).items()}
+        fields = {
+            k: json.dumps(v) if k in ("layers", "expert_tokens") else str(v)
+            for k, v in asdict(self).items()
+        }
         return {"format": FORMAT, "format_version": str(FORMAT_VERSION), **fields}
 
     @classmethod
@@ -103,6 +113,7 @@ class PayloadMeta:
                 calib_tokens=int(meta["calib_tokens"]),
                 role=meta["role"],
                 phase=meta["phase"],
+                expert_tokens=_expert_tokens(json.loads(meta["expert_tokens"])),
             )
             parse_pattern(out.pattern)
         except KeyError as err:
@@ -121,6 +132,16 @@ class PayloadMeta:
         if self.phase == MASKLESS_PHASE:
             return {p: r for p, r in _PARTS.items() if p != "bitmask"}
         return _PARTS
+
+
+def _expert_tokens(value) -> dict[str, list[int]]:
+    """``{key: [tokens per expert]}`` as sent, or a ValueError."""
+    if not isinstance(value, dict) or not all(
+        isinstance(c, list) and all(isinstance(n, int) and n >= 0 for n in c)
+        for c in value.values()
+    ):
+        raise ValueError(f"expert_tokens must map keys to lists of counts >= 0, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -157,7 +178,7 @@ class SparseTensor:
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """Row-major little-endian bitmask ``[rows, ceil(cols / 8)]`` of a bool keep mask."""
-    keep = mask.detach().cpu().numpy()
+    keep = np.ascontiguousarray(mask.detach().cpu().numpy())  # a transposed view's mask, too
     return torch.from_numpy(
         np.packbits(keep.reshape(-1, mask.shape[-1]), axis=-1, bitorder="little")
     )
@@ -331,6 +352,10 @@ def _checked_groups(
 ) -> Iterator[tuple[str, SparseTensor]]:
     """Validate each ``K.{shape,bitmask,values}`` group, reading its tensors only when due."""
     groups: dict[str, list[str]] = {}
+    names = list(names)
+    stray = sorted(set(meta.expert_tokens) - {n.rpartition(".")[0] for n in names})
+    if stray:
+        raise PayloadError("metadata", f"expert_tokens for tensors not in the payload: {stray[:3]}")
     for name in names:
         key, _, part = name.rpartition(".")
         if part not in meta.parts:
@@ -392,6 +417,9 @@ def _check_tensor(
             raise PayloadError("unknown-tensor", f"{key!r} is not a prunable tensor of this model")
         if shape != tuple(expected.shapes[key]):
             raise PayloadError("shape", f"{key}: {shape}, model has {tuple(expected.shapes[key])}")
+    tokens = meta.expert_tokens.get(key)
+    if tokens is not None and (len(shape) != 3 or len(tokens) != shape[0]):
+        raise PayloadError("metadata", f"{key}: {len(tokens)} expert token counts for {shape}")
     layer = layer_index(key)
     if layer not in meta.layers:
         raise PayloadError("metadata", f"{key}: layer {layer} is not in the claimed {meta.layers}")

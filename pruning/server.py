@@ -501,10 +501,17 @@ class FederatedRun:
 
     def _merge_layer(self, layer: int, holders: list[StoredPayload]) -> None:
         target = self.cfg.target()
-        for key in self.model.layer_shapes[layer]:
+        for key, shape in self.model.layer_shapes[layer].items():
             sources = [partial(p.update, key) for p in holders]
+            experts = shape[0] if len(shape) == 3 else 0
+            tokens = [p.meta.expert_tokens.get(key) for p in holders]  # per expert, if sent
             weight, _ = merge_tensor(
-                self.merge, sources, target, dense=lambda k=key: self.model.params[k].detach()
+                self.merge,
+                sources,
+                target,
+                dense=lambda k=key: self.model.params[k].detach(),
+                tokens=tokens if experts and None not in tokens else None,
+                experts=experts,
             )
             self.model.write(key, weight)
 

@@ -80,6 +80,11 @@ class Target:
             raise SparsityError(f"a fixed mask must be bool, got {mask.dtype}")
         return cls(1.0 - float(mask.float().mean()), None, mask)
 
+    def part(self, index: int) -> Target:
+        """The target of one expert of a fused ``[experts, out, in]`` weight (a fixed mask is
+        sliced; a sparsity holds for each expert on its own)."""
+        return self if self.mask is None else Target.fixed(self.mask[index])
+
     def select(self, scores: torch.Tensor, per_row: bool = False) -> torch.Tensor:
         """Keep mask for ``scores``: the fixed mask, N:M groups, or the exact count."""
         if self.mask is not None:

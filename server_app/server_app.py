@@ -10,6 +10,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from pruning.checkpoint import Checkpoint
 from pruning.config import RunConfig
+from pruning.evaluate import describe_sparsity
 from pruning.federated import GlobalModel
 from pruning.report import plot_report, write_report
 from pruning.server import FederatedRun
@@ -30,7 +31,7 @@ def main(grid: Grid, context: Context) -> None:
     if cfg.resume:  # continue an interrupted run in its own directory (checked before loading)
         out = Path(cfg.resume).expanduser().resolve()
         saved = Checkpoint(out).read_state(cfg)
-    run = FederatedRun(cfg, GlobalModel(cfg.model, cfg.dtype), out, saved)
+    run = FederatedRun(cfg, GlobalModel(cfg.model, cfg.dtype, cfg.keep_dense), out, saved)
     dense = run.evaluate() if cfg.eval_dense else {}
     strategy = FedSpaLLMStrategy(run)
     strategy.summary()
@@ -40,6 +41,8 @@ def main(grid: Grid, context: Context) -> None:
     plot_report(out, report)
     log.info("done in %.0fs: pruned model, report.json and plots in %s", report["seconds"], out)
     log.info("perplexity %s", report["perplexity"])
+    for line in describe_sparsity(report["sparsity"]) if "sparsity" in report else ():
+        log.info("%s", line)
     if not report["complete"]:
         raise RuntimeError(
             f"layers {report['unpruned_layers']} were not pruned; see {out}/report.json"

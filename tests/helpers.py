@@ -6,12 +6,12 @@ the session fixtures ``tiny_llama_dir`` / ``tiny_opt_dir`` of ``conftest.py``.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 import torch
 
-FAMILIES = ("llama", "opt")
 TOKENIZER_VOCAB = 768
 TOKENIZER_TEXT_CHARS = 300_000
 SPECIAL_TOKENS = {"pad_token": "<pad>", "eos_token": "<eos>", "unk_token": "<unk>"}
@@ -40,51 +40,72 @@ def make_tokenizer(text: str):
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=1 << 20, **SPECIAL_TOKENS)
 
 
-def _config(family: str, tokenizer):
-    """Tiny config: every linear's input width is a multiple of 8, so 2:4 and 4:8 both apply."""
-    from transformers import LlamaConfig, OPTConfig
-
-    ids = {
-        "vocab_size": len(tokenizer),
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.eos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-    }
-    if family == "llama":
-        return LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            use_cache=False,
-            **ids,
-        )
-    if family == "opt":
-        return OPTConfig(
-            hidden_size=64,
-            ffn_dim=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            word_embed_proj_dim=64,
-            max_position_embeddings=256,
-            use_cache=False,
-            **ids,
-        )
-    raise ValueError(f"unknown tiny family {family!r} (choose from {', '.join(FAMILIES)})")
+# the architecture matrix: every family the README lists as supported, as a tiny random config
+# (hidden 64, 4 heads of 16, 2 key/value heads where the family has them; every linear's input
+# width a multiple of 8, so 2:4 and 4:8 both apply; MoE: 4 experts, top 2)
+_ATTN = {"hidden_size": 64, "num_attention_heads": 4, "max_position_embeddings": 256}
+_GQA = {**_ATTN, "num_key_value_heads": 2, "intermediate_size": 128}
+_MOE = {"num_experts_per_tok": 2, "intermediate_size": 64}
+ARCHITECTURES = {
+    "llama": ("LlamaConfig", _GQA),
+    "mistral": ("MistralConfig", _GQA),
+    "qwen2": ("Qwen2Config", _GQA),
+    "qwen3": ("Qwen3Config", {**_GQA, "head_dim": 16}),
+    "gemma2": ("Gemma2Config", {**_GQA, "head_dim": 16}),
+    "phi3": ("Phi3Config", _GQA),
+    "opt": ("OPTConfig", {**_ATTN, "ffn_dim": 128, "word_embed_proj_dim": 64}),
+    "mixtral": ("MixtralConfig", {**_GQA, **_MOE, "num_local_experts": 4}),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        {**_GQA, **_MOE, "num_experts": 4, "moe_intermediate_size": 64, "head_dim": 16},
+    ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        {**_GQA, **_MOE, "num_experts": 4, "moe_intermediate_size": 64}
+        | {"shared_expert_intermediate_size": 64},
+    ),
+    "gpt_neox": ("GPTNeoXConfig", {**_ATTN, "intermediate_size": 128}),
+    "falcon": ("FalconConfig", {**_ATTN, "num_kv_heads": 2, "new_decoder_architecture": True}),
+    "gpt2": ("GPT2Config", {"n_embd": 64, "n_head": 4, "n_positions": 256}),
+}
+FAMILIES = tuple(ARCHITECTURES)
 
 
-def make_tiny_model(family: str, path: Path, seed: int = 0) -> Path:
+def tiny_config(family: str, tokenizer, num_layers: int = 4):
+    """A tiny random config of ``family`` for ``tokenizer``'s vocabulary."""
+    import transformers
+
+    if family not in ARCHITECTURES:
+        raise ValueError(f"unknown tiny family {family!r} (choose from {', '.join(FAMILIES)})")
+    name, kwargs = ARCHITECTURES[family]
+    layers = "n_layer" if family == "gpt2" else "num_hidden_layers"
+    return getattr(transformers, name)(
+        **kwargs,
+        **{layers: num_layers},
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        use_cache=False,
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_tokenizer():
+    """The tiny models' tokenizer, trained once per process."""
+    text = (corpus_dir() / "wikitext2" / "wiki.valid.tokens").read_text(encoding="utf-8")
+    return make_tokenizer(text[:TOKENIZER_TEXT_CHARS])
+
+
+def make_tiny_model(family: str, path: Path, seed: int = 0, num_layers: int = 4) -> Path:
     """Save a tiny random ``family`` model and its tokenizer into ``path`` and return it.
 
     The same ``seed`` writes the same bytes, so tests can compare runs across processes.
     """
     from transformers import AutoModelForCausalLM
 
-    text = (corpus_dir() / "wikitext2" / "wiki.valid.tokens").read_text(encoding="utf-8")
-    tokenizer = make_tokenizer(text[:TOKENIZER_TEXT_CHARS])
-    config = _config(family, tokenizer)
+    tokenizer = tiny_tokenizer()
+    config = tiny_config(family, tokenizer, num_layers)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     path = Path(path)
@@ -127,11 +148,20 @@ def reference_weights(cfg, payloads: dict, merge: str, base=None) -> dict[str, t
 
     base = base or GlobalModel(cfg.model, cfg.dtype)
     out = {}
-    for key in base.shapes:
+    for key, shape in base.shapes.items():
         holders = [p for p in payloads.values() if key in p.sparse]
         dense = base.params[key].detach()
         sources = [(lambda h=h, k=key: h.update(k)) for h in holders]
-        out[key], _ = merge_tensor(merge, sources, cfg.target(), dense=lambda d=dense: d)
+        tokens = [h.meta.expert_tokens.get(key) for h in holders]
+        experts = shape[0] if len(shape) == 3 else 0
+        out[key], _ = merge_tensor(
+            merge,
+            sources,
+            cfg.target(),
+            dense=lambda d=dense: d,
+            tokens=tokens if experts and None not in tokens else None,
+            experts=experts,
+        )
     return out
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, MambaConfig, MambaForCausalLM
 
 from pruning.cli import main
 
@@ -53,10 +53,14 @@ def test_prune_writes_a_transformers_model_and_a_summary(
 
 
 @pytest.fixture(scope="module")
-def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("gpt2")
-    config = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=128, n_positions=64)
-    GPT2LMHeadModel(config).save_pretrained(path)
+def mamba_dir(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Path:
+    """A model whose decoder blocks hold weights no rule prunes (a state matrix, a conv)."""
+    path = tmp_path_factory.mktemp("mamba")
+    MambaForCausalLM(
+        MambaConfig(hidden_size=32, num_hidden_layers=2, vocab_size=768)
+    ).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (path / name).write_bytes((tiny_llama_dir / name).read_bytes())
     return path
 
 
@@ -70,19 +74,19 @@ def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (["--calib-data", "no/such/corpus.txt"], "no/such/corpus.txt"),
         (["--eval-data", "wikitext2", "typo.txt"], "typo.txt"),
         (["--model", "/no/such/model-dir"], "/no/such/model-dir"),
-        (["--model", "GPT2"], "architecture"),
+        (["--model", "MAMBA"], "no rule prunes the decoder weight(s) backbone.layers.0.mixer"),
     ],
 )
 def test_bad_input_is_one_error_line_and_exit_2(
     args: list[str],
     reason: str,
     tiny_llama_dir: Path,
-    gpt2_dir: Path,
+    mamba_dir: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture,
 ) -> None:
-    if args == ["--model", "GPT2"]:
-        args = ["--model", str(gpt2_dir)]
+    if args == ["--model", "MAMBA"]:
+        args = ["--model", str(mamba_dir)]
     argv = ["prune", "--model", str(tiny_llama_dir), "--nsamples", "2", "--seqlen", "32"]
     code = main([*argv, *args, "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()

@@ -11,7 +11,10 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from pruning.models import (
+    LayoutError,
     ModelError,
+    check_layout,
+    classify,
     get_adapter,
     layer_state,
     linear_groups,
@@ -101,15 +104,19 @@ def test_prunable_shapes(loaded) -> None:
     assert all(tuple(state[k].shape) == s for layer in shapes.values() for k, s in layer.items())
 
 
+def labels(groups) -> list[list[str]]:
+    return [[w.label for w in g] for g in groups]
+
+
 def test_linear_groups(loaded) -> None:
     model = loaded[0]
     adapter = get_adapter(model)
     layer = copy.deepcopy(adapter.layers(model)[0])
-    assert linear_groups(layer, adapter, true_sequential=False) == [list(SHAPES[family(model)])]
-    assert linear_groups(layer, adapter, true_sequential=True) == SEQUENTIAL_GROUPS[family(model)]
+    assert labels(linear_groups(layer, adapter, False)) == [list(SHAPES[family(model)])]
+    assert labels(linear_groups(layer, adapter, True)) == SEQUENTIAL_GROUPS[family(model)]
     layer.extra = nn.Linear(64, 64)  # a variant the table does not know still gets pruned
-    assert linear_groups(layer, adapter, true_sequential=True)[-1] == ["extra"]
-    assert linear_groups(layer, adapter, true_sequential=False)[0][-1] == "extra"
+    assert labels(linear_groups(layer, adapter, True))[-1] == ["extra"]
+    assert labels(linear_groups(layer, adapter, False))[0][-1] == "extra"
 
 
 def test_layer_state_round_trip(loaded) -> None:
@@ -138,20 +145,67 @@ def tiny_gpt2() -> GPT2LMHeadModel:
     return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100))
 
 
+def test_gpt2_conv1d_is_seen_transposed() -> None:
+    """GPT-2 keeps its layers in ``transformer.h`` and its Conv1D weights as ``[in, out]``: the
+    pruners, payloads and merges see ``[out, in]``, and writes land in the stored layout."""
+    model = tiny_gpt2()
+    assert get_adapter(model).layers_path == "transformer.h"
+    shapes = prunable_shapes(model)[1]
+    assert shapes == {
+        "transformer.h.1.attn.c_attn.weight": (96, 32),
+        "transformer.h.1.attn.c_proj.weight": (32, 32),
+        "transformer.h.1.mlp.c_fc.weight": (128, 32),
+        "transformer.h.1.mlp.c_proj.weight": (32, 128),
+    }
+    key = "transformer.h.1.mlp.c_fc.weight"
+    stored = model.get_parameter(key)
+    assert tuple(stored.shape) == (32, 128)
+    value = torch.arange(128 * 32, dtype=torch.float32).view(128, 32)
+    load_layer_state(model, {key: value})
+    assert torch.equal(stored, value.t()) and torch.equal(layer_state(model, [1])[key], value)
+
+
 @pytest.mark.parametrize(
-    ("make", "kind"), [(tiny_gpt2, "'gpt2'"), (lambda: nn.Linear(4, 4), "'Linear'")]
+    ("make", "kind"), [(lambda: nn.Linear(4, 4), "'Linear'"), (lambda: nn.Sequential(), "'Seq")]
 )
 def test_unknown_architecture(make, kind: str) -> None:
-    with pytest.raises(ModelError, match=f"unknown architecture {kind}"):
+    with pytest.raises(ModelError, match=f"unknown architecture {kind}.*no ModuleList"):
         get_adapter(make())
 
 
-def test_load_model_rejects_unknown_architecture(tmp_path: Path, tiny_llama_dir: Path) -> None:
-    tiny_gpt2().save_pretrained(tmp_path)
+def test_unrecognised_weight_stops_unless_kept_dense(loaded) -> None:
+    """A decoder weight matrix that no rule prunes is refused by name; ``keep_dense`` lets the
+    run go on with it dense, and the sparsity report then lists it."""
+    from pruning.evaluate import sparsity_report
+
+    model = copy.deepcopy(loaded[0])
+    layers = get_adapter(model).layers(model)
+    for layer in layers:
+        layer.register_parameter("scale_table", nn.Parameter(torch.ones(4, 64)))
+    with pytest.raises(LayoutError, match=r"no rule prunes .*layers\.0\.scale_table.*keep-dense"):
+        check_layout(model)
+    for patterns in (["scale_table"], ["*.scale_table"], ["?.scale_tab*"]):
+        check_layout(model, patterns)
+    with pytest.raises(LayoutError, match="scale_table"):
+        check_layout(model, ["mlp.up_proj.weight"])
+    dense = sparsity_report(model)["dense"]
+    assert all(dense[f"{get_adapter(model).prefix(i)}scale_table"] == 256 for i in range(4))
+
+
+def test_load_model_refuses_an_unrecognised_layout(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """Mamba's decoder blocks hold a state matrix and a depthwise convolution that no rule
+    prunes: loading refuses it, naming both, unless they are listed as keep-dense."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    MambaForCausalLM(
+        MambaConfig(hidden_size=32, num_hidden_layers=2, vocab_size=768)
+    ).save_pretrained(tmp_path)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / name).write_bytes((tiny_llama_dir / name).read_bytes())
-    with pytest.raises(ModelError, match="unknown architecture 'gpt2'"):
+    with pytest.raises(LayoutError, match=r"'mamba'.*backbone\.layers\.0\.mixer\.A_log"):
         load_model(str(tmp_path))
+    model, _ = load_model(str(tmp_path), keep_dense=["mixer.A_log", "mixer.conv1d.weight"])
+    assert "backbone.layers.1.mixer.in_proj.weight" in prunable_shapes(model)[1]
 
 
 @pytest.mark.parametrize(
@@ -174,3 +228,21 @@ def test_load_model_rejects_bad_specs(
 def test_load_model_rejects_unknown_dtype(tiny_llama_dir: Path) -> None:
     with pytest.raises(ModelError, match="dtype 'int8' is not one of float32"):
         load_model(str(tiny_llama_dir), dtype="int8")
+
+
+def test_transposed_fused_experts_are_refused_with_the_reason() -> None:
+    """GPT-OSS keeps its experts as ``[experts, in, out]`` with biases: refused, by name and
+    reason; its router and fused biases are dense by rule."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    config = GptOssConfig(
+        hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, num_local_experts=2, num_experts_per_tok=1,
+        vocab_size=64,
+    )  # fmt: skip
+    model = GptOssForCausalLM(config)
+    dense = classify(get_adapter(model).layers(model)[0])[1]
+    assert dense["mlp.router.weight"] == "router" and dense["mlp.experts.down_proj_bias"] == "bias"
+    with pytest.raises(LayoutError, match=r"gate_up_proj \(fused experts stored transposed"):
+        check_layout(model)
+    check_layout(model, ["mlp.experts.*_proj"])  # kept dense on request
