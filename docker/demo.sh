@@ -105,6 +105,7 @@ if [[ $build -eq 1 ]]; then
   if [[ -n "$wheel_dir" ]]; then
     [[ -d "$wheel_dir" ]] || fail "wheel folder '$wheel_dir' not found"
     for w in "$wheel_dir"/*.whl; do
+      [[ -e "$w" ]] || fail "no *.whl in '$wheel_dir'"
       [[ -e "$here/wheels/$(basename "$w")" ]] || ln "$w" "$here/wheels/" 2>/dev/null \
         || cp "$w" "$here/wheels/"
     done
