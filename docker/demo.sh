@@ -105,6 +105,7 @@ if [[ $build -eq 1 ]]; then
   if [[ -n "$wheel_dir" ]]; then
     [[ -d "$wheel_dir" ]] || fail "wheel folder '$wheel_dir' not found"
     for w in "$wheel_dir"/*.whl; do
+      [[ -e "$w" ]] || fail "no *.whl in '$wheel_dir'"
       [[ -e "$here/wheels/$(basename "$w")" ]] || ln "$w" "$here/wheels/" 2>/dev/null \
         || cp "$w" "$here/wheels/"
     done
@@ -141,7 +142,7 @@ dc up -d --no-build >&2
 
 # 4. run
 step "flwr run --run-config \"$run_config\""
-dc run --rm flwr-run || fail "flwr run failed"
+dc run --rm --no-deps flwr-run || fail "flwr run failed"  # the rest is up already
 ran=$(date +%s)
 
 # 5. check the outputs on the host

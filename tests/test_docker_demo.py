@@ -1,11 +1,14 @@
 """The compose demo end to end: `docker/demo.sh` builds the image, brings up a SuperLink and
 three SuperNodes, runs the real SmolLM2-135M, checks the outputs and takes everything down.
 
-It needs a Docker engine and takes tens of minutes on a few CPU cores, so it runs only on
-demand: ``FEDSPALLM_DOCKER_TEST=1 .venv/bin/python -m pytest -q tests/test_docker_demo.py``.
-``FEDSPALLM_DOCKER_ARGS`` adds options of `demo.sh` (a base image, a proxy CA, a local wheel
-folder: see docs/benchmarks.md for the ones used on the reference machine); ``DOCKER`` picks
-the docker CLI for the build.
+It needs a Docker engine and minutes (4-13 on 2 busy CPU cores: docs/benchmarks.md), so it
+runs only on demand (``-s`` shows demo.sh's summary: timings, perplexities):
+
+    FEDSPALLM_DOCKER_TEST=1 .venv/bin/python -m pytest -q -s tests/test_docker_demo.py
+
+``FEDSPALLM_DOCKER_ARGS`` adds options of `demo.sh` (``--tls``, a base image, a proxy CA, a
+local wheel folder: docs/benchmarks.md has the ones used on the reference machine); ``DOCKER``
+picks the docker CLI for the build.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ def test_compose_demo_prunes_smollm2_and_leaves_nothing_running(tmp_path: Path) 
         [str(DEMO), "-o", str(out), *args], capture_output=True, text=True, timeout=3 * 3600
     )
     assert proc.returncode == 0, f"demo.sh failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    print(*(line for line in proc.stdout.splitlines() if line.startswith("demo:")), sep="\n")
     assert not _demo_containers(docker), "compose down left containers behind"
 
     (run_dir,) = out.glob("fedspallm-*")
