@@ -75,14 +75,13 @@ def train(msg: Message, context: Context) -> Message:
         device = str(node["device"]) if "device" in node else None
         worker = _worker(cfg.model, cfg.dtype, device, cfg.keep_dense)
         blob, metrics = worker.run(job, _client_data(cfg, node), down)
+        log.info("round %d: sending %d bytes after %.1fs", job.round, len(blob), metrics["seconds"])
+        part_bytes = int(cfg.max_message_mb * 2**20)
+        if 0 < part_bytes < len(blob):  # too large for one message: fetched in parts
+            return protocol.parts_reply(msg, PartStore().put(blob, part_bytes), metrics)
     except Exception as err:  # noqa: BLE001 - every failure must reach the server as a reason
         log.error("pruning job failed: %s", traceback.format_exc())
         return protocol.error_reply(msg, f"{type(err).__name__}: {err}")
-    log.info("round %d: sending %d bytes after %.1fs", job.round, len(blob), metrics["seconds"])
-    part_bytes = int(cfg.max_message_mb * 2**20)
-    if 0 < part_bytes < len(blob):  # too large for one message: the server fetches it in parts
-        manifest = PartStore().put(msg.metadata.message_id, blob, part_bytes)
-        return protocol.parts_reply(msg, manifest, metrics)
     return protocol.payload_reply(msg, blob, metrics)
 
 

@@ -14,6 +14,7 @@ import hashlib
 import math
 import re
 import tempfile
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ _KEY = re.compile(r"[0-9a-f]{1,128}")
 class Manifest:
     """What a client says about a payload it keeps for the server to fetch."""
 
-    key: str  # names the file on the node (the id of the job message it answers)
+    key: str  # names the file on the node (random hex)
     size: int  # bytes in all
     part_bytes: int  # bytes per part (the last may be shorter)
     sha256: str
@@ -69,7 +70,8 @@ class PartStore:
             raise ValueError(f"bad part key {key!r}")
         return self.root / f"{key}.safetensors"
 
-    def put(self, key: str, blob: bytes, part_bytes: int) -> Manifest:
+    def put(self, blob: bytes, part_bytes: int) -> Manifest:
+        key = uuid.uuid4().hex
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(blob)

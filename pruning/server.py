@@ -524,7 +524,7 @@ class FederatedRun:
 
     def finish(self, dense: dict[str, float]) -> dict:
         """Save the pruned model (or evaluate each node alone, for local-only) and build the
-        report; the payload store and the layer checkpoint are removed."""
+        report; the payload store is removed, and the layer checkpoint if the run is complete."""
         cfg, state = self.cfg, self.state
         perplexity: dict = {"dense": dense}
         saved: dict = {}
@@ -546,7 +546,8 @@ class FederatedRun:
             saved = self.model.save(self.out, state.done, cfg.sparsity, cfg.pattern)
             perplexity["pruned"] = self.evaluate()
         shutil.rmtree(self.store.root, ignore_errors=True)
-        self.checkpoint.drop_layers()
+        if not state.remaining:  # an incomplete run may still go on with more rounds
+            self.checkpoint.drop_layers()
         data = state.to_dict()
         return {
             "model": cfg.model,

@@ -137,7 +137,9 @@ def test_a_run_stopped_after_round_1_resumes_to_the_uninterrupted_model(
     The ServerApp stops right after round 1 (``$FEDSPALLM_STOP_AFTER_ROUND``, as a crash
     would); a second `flwr run` with ``resume`` continues it in the same run directory, with
     new simulated nodes, and its model equals, bit for bit, that of the same config run
-    without a stop (in process: the engine's output equals a real run's, see above)."""
+    without a stop (in process: the engine's output equals a real run's, see above). With
+    ``max-message-mb=0.01`` every payload (40-150 KB) comes in 10 KiB parts, each its own
+    Flower message, as a 7B model's would in 256 MiB parts."""
     from pruning.config import RunConfig
     from pruning.federated import ClientData, ClientWorker, GlobalModel
     from pruning.server import FederatedRun
@@ -145,7 +147,7 @@ def test_a_run_stopped_after_round_1_resumes_to_the_uninterrupted_model(
     home, out = tmp_path / "flwr-home", tmp_path / "runs"
     common = (
         f"model='{tiny_llama_dir}' out-dir='{out}' min-nodes=3 sim-max-layers='1,1,1' "
-        "nsamples=8 seqlen=64 eval-dense=false eval-max-windows=2"
+        "nsamples=8 seqlen=64 eval-dense=false eval-max-windows=2 max-message-mb=0.01"
     )
     stopped = simulate(home, data_dir, common, FEDSPALLM_STOP_AFTER_ROUND="1")
     (run,) = out.glob("fedspallm-*")

@@ -239,9 +239,7 @@ def in_parts(node: Behaviour, store: PartStore, part_bytes: int, tamper: bool = 
         blob, _, metrics = protocol.read_payload(reply)
         if len(blob) <= part_bytes:
             return reply
-        return protocol.parts_reply(
-            msg, store.put(msg.metadata.message_id, blob, part_bytes), metrics
-        )
+        return protocol.parts_reply(msg, store.put(blob, part_bytes), metrics)
 
     return behave
 
