@@ -62,11 +62,11 @@ class RunConfig(PruneSpec):
     num_server_rounds: int = 4
     min_nodes: int = 4
     vote_scaling: bool = False
-    calib_sources: tuple[str, ...] = ("wikitext2/wiki.valid.tokens", "ptb/ptb.valid.txt")
+    calib_sources: tuple[str, ...] = ("wikitext2", "ptb")
     sim_max_layers: tuple[int, ...] = (24, 16, 12, 8)
     max_layers: int = 0
     data_dir: str = ""
-    eval_data: tuple[str, ...] = ("wikitext2/wiki.test.raw", "ptb/ptb.test.txt")
+    eval_data: tuple[str, ...] = ("wikitext2", "ptb")
     eval_max_windows: int = 32
     eval_dense: bool = True
     out_dir: str = "runs"

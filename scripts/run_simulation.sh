@@ -26,7 +26,10 @@ options.backend.client-resources.num-cpus = $CPUS_PER_CLIENT
 options.backend.client-resources.num-gpus = $GPUS_PER_CLIENT
 TOML
 fi
-data="${FEDSPALLM_DATA:-$PWD/../shared/data}"
+# the corpora: a local folder when FEDSPALLM_DATA names one (passed on as data-dir, since an
+# already running local SuperLink keeps the environment it started with), else the HF Hub
+data_config=()
+[ -z "${FEDSPALLM_DATA:-}" ] || data_config=(--run-config "data-dir='$(realpath -m "$FEDSPALLM_DATA")'")
 # shellcheck source=scripts/procs.sh
 . scripts/procs.sh
 # `flwr run` starts a detached local SuperLink (logging under $FLWR_HOME) unless one is up:
@@ -43,8 +46,8 @@ trap 'exit 130' INT TERM
 # the local SuperLink installs nothing: this environment already holds every dependency
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="${FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION:-1}"
 log=$(mktemp)
-"$FLWR" run . "$CONN" --stream \
-  --run-config "data-dir='$(realpath "$data")' out-dir='$PWD/runs'" "$@" 2>&1 | tee "$log"
+"$FLWR" run . "$CONN" --stream "${data_config[@]}" --run-config "out-dir='$PWD/runs'" "$@" 2>&1 |
+  tee "$log"
 # `flwr run --stream` exits 0 even when the run failed: ask the SuperLink how it ended
 run_id=$(grep -o 'Successfully started run [0-9]*' "$log" | grep -o '[0-9]*$' || true)
 rm -f "$log"
