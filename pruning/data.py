@@ -189,7 +189,7 @@ def load_text(
             f"corpus {source!r}: no {corpus.local[split]} under {_folder(root)}, and the Hugging "
             f"Face Hub failed ({type(err).__name__}: {reason}); point FEDSPALLM_DATA at a folder "
             "holding that file, or give a file path"
-        ) from err
+        ) from None  # the reason is in the message; the hub client's traceback only hides it
     return corpus.joiner.join(rows)  # as SparseGPT: every row, empty ones included
 
 

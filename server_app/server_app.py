@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from pruning import console
 from pruning.config import RunConfig
 from pruning.federated import GlobalModel
 from pruning.report import plot_report, write_report
@@ -20,9 +22,8 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    for name in ("fedspallm", "pruning", "server_app"):
-        logging.getLogger(name).setLevel(logging.INFO)
+    start = time.perf_counter()
+    console.setup("server")
     cfg = RunConfig.parse(context.run_config)
     out = Path(cfg.out_dir).expanduser().resolve() / f"{cfg.method}-{context.run_id}"
     run = FederatedRun(cfg, GlobalModel(cfg.model, cfg.dtype), out)
@@ -33,8 +34,7 @@ def main(grid: Grid, context: Context) -> None:
     report = run.finish(dense)
     write_report(out, report)
     plot_report(out, report)
-    log.info("done in %.0fs: pruned model, report.json and plots in %s", report["seconds"], out)
-    log.info("perplexity %s", report["perplexity"])
+    log.info("summary\n%s", console.summary(report, time.perf_counter() - start))
     if not report["complete"]:
         raise RuntimeError(
             f"layers {report['unpruned_layers']} were not pruned; see {out}/report.json"
