@@ -6,6 +6,7 @@ import functools
 import logging
 import traceback
 
+import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
@@ -40,8 +41,6 @@ def _client_data(cfg: RunConfig, node: dict) -> ClientData:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Report resources; the server turns them into this node's layer budget."""
-    import torch
-
     cfg, node = RunConfig.parse(context.run_config), context.node_config
     pid = node.get("partition-id")
     budget = int(node["max-layers"]) if "max-layers" in node else cfg.sim_budget(pid)
@@ -66,9 +65,15 @@ def train(msg: Message, context: Context) -> Message:
     try:
         cfg = RunConfig.parse(context.run_config)
         job, down = protocol.read_job(msg)
-        log.info("round %d (%s): layers %s", job.round, job.phase, job.layers)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        threads = torch.get_num_threads()
+        log.info(
+            "round %d (%s): layers %s, torch threads %d", job.round, job.phase, job.layers, threads
+        )
         worker = _worker(cfg.model, cfg.dtype, str(node["device"]) if "device" in node else None)
         blob, metrics = worker.run(job, _client_data(cfg, node), down)
+        metrics["threads"] = threads  # the report shows what the float sums ran on
     except Exception as err:  # noqa: BLE001 - every failure must reach the server as a reason
         reason = f"{type(err).__name__}: {err}"
         # bad input (a ValueError with its reason: data, config, model, payload) in one line

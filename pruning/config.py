@@ -79,6 +79,9 @@ class RunConfig(PruneSpec):
     screen: bool = True  # drop payloads whose deviation from the server's weights stands out
     screen_mad: float = 6.0  # k of the pooled test: median + k * 1.4826 * MAD
     screen_max_deviation: float = 1.25  # absolute bound on a tensor's relative deviation
+    # torch threads of a client job (0: the process's own count). Float sums, and so the last
+    # bits of every pruned weight, depend on it: the same count on every run keeps runs equal
+    threads: int = 0
 
     @classmethod
     def parse(cls, values: Mapping[str, Any]) -> RunConfig:
@@ -131,6 +134,8 @@ class RunConfig(PruneSpec):
             raise ConfigError(f"aggregator replaces the l0 merge, which {self.method} does not use")
         if self.screen_mad <= 0 or self.screen_max_deviation <= 0:
             raise ConfigError("screen-mad and screen-max-deviation must be positive")
+        if self.threads < 0:
+            raise ConfigError(f"threads {self.threads} is negative (0: the process's own count)")
         return self
 
     @property

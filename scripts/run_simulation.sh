@@ -44,8 +44,10 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="${FLWR_DISABLE_RUNTIME_DEPE
 # Ray's notice about accelerator variables of CPU-only actors off
 export RAY_DEDUP_LOGS="${RAY_DEDUP_LOGS:-0}" RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="${RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO:-0}"
 log=$(mktemp)
+# each client computes on as many torch threads as it has CPUs, whatever OMP_NUM_THREADS says
+# (float sums depend on the count: the same settings give the same bits on every run)
 "$FLWR" run . "$CONN" --stream --federation-config "$federation" "${data_config[@]}" \
-  --run-config "out-dir='$PWD/runs'" "$@" 2>&1 |
+  --run-config "out-dir='$PWD/runs' threads=$CPUS_PER_CLIENT" "$@" 2>&1 |
   tee "$log"
 # `flwr run --stream` exits 0 even when the run failed: ask the SuperLink how it ended
 run_id=$(grep -o 'Successfully started run [0-9]*' "$log" | grep -o '[0-9]*$' || true)

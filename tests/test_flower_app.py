@@ -75,6 +75,7 @@ def test_report_matches_what_was_sent(run_dir: Path) -> None:
         for node, reply in rnd["replies"].items():
             assert reply["ok"], reply
             assert reply["bytes_up"] == reply["metrics"]["payload-bytes"] > 0
+            assert reply["metrics"]["threads"] == 1  # CPUS_PER_CLIENT, set by the client
             # budgets bound the prune phase; in the refine phase every node takes every layer
             limit = budgets[node] if rnd["phase"] == "prune" else 4
             assert reply["metrics"]["layers"] == len(rnd["assignment"][node]) <= limit
