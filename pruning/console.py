@@ -47,8 +47,11 @@ def setup(tag: str = "") -> None:
             logger.propagate = False  # not twice through a root handler someone else set up
     # a process forked after a tokenizer ran warns once per fork unless this is set
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # read when datasets loads
+    from huggingface_hub.utils import disable_progress_bars
     from transformers.utils import logging as hf_logging
 
+    disable_progress_bars()  # hub downloads: every client would draw its own bars
     hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars
     hf_logging.set_verbosity_error()
 

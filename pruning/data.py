@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+log = logging.getLogger(__name__)
+
 ROLES = ("calibration", "evaluation")
 
 
@@ -105,6 +107,11 @@ def hub_rows(corpus: Corpus, role: str) -> list[str]:
 
     split = corpus.hub_split[role]
     files = {split: corpus.hub_files[split]} if corpus.hub_files else None
+    log.info(
+        "reading %s split %r from the Hugging Face Hub (cached after the first time)",
+        corpus.hub_id,
+        split,
+    )
     loggers = [logging.getLogger(name) for name in ("huggingface_hub", "datasets")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
