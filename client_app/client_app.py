@@ -6,9 +6,11 @@ import functools
 import logging
 import traceback
 
+import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from pruning import console
 from pruning.config import RunConfig
 from pruning.federated import ClientData, ClientWorker
 from pruning.parts import PartStore
@@ -16,14 +18,6 @@ from server_app import protocol
 
 log = logging.getLogger("fedspallm.client")
 app = ClientApp()
-
-
-@functools.lru_cache(maxsize=1)
-def _log_progress() -> None:
-    """Per-layer progress lines (the simulation forwards them to the `flwr run` stream)."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    for name in ("fedspallm", "pruning"):
-        logging.getLogger(name).setLevel(logging.INFO)
 
 
 @functools.lru_cache(maxsize=1)
@@ -50,8 +44,6 @@ def _client_data(cfg: RunConfig, node: dict) -> ClientData:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Report resources; the server turns them into this node's layer budget."""
-    import torch
-
     cfg, node = RunConfig.parse(context.run_config), context.node_config
     pid = node.get("partition-id")
     budget = int(node["max-layers"]) if "max-layers" in node else cfg.sim_budget(pid)
@@ -66,22 +58,39 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Run one pruning job; failures become error replies with the reason, not crashes."""
-    _log_progress()
+    """Run one pruning job; failures become error replies with the reason, not crashes.
+
+    Its lines in the stream (the simulation forwards them) carry the client's name: the job,
+    each layer done (the driver's lines, ``done/assigned``) and the upload."""
+    node = context.node_config
+    pid = node.get("partition-id")
+    console.setup(f"client {pid}" if pid is not None else f"node {context.node_id}")
     try:
-        cfg, node = RunConfig.parse(context.run_config), context.node_config
+        cfg = RunConfig.parse(context.run_config)
         job, down = protocol.read_job(msg)
-        log.info("round %d: pruning layers %s with %s", job.round, job.layers, job.pruner)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        threads = torch.get_num_threads()
+        log.info(
+            "round %d (%s): layers %s, torch threads %d", job.round, job.phase, job.layers, threads
+        )
         device = str(node["device"]) if "device" in node else None
         worker = _worker(cfg.model, cfg.dtype, device, cfg.keep_dense)
         blob, metrics = worker.run(job, _client_data(cfg, node), down)
-        log.info("round %d: sending %d bytes after %.1fs", job.round, len(blob), metrics["seconds"])
+        metrics["threads"] = threads  # the report shows what the float sums ran on
+        log.info(
+            "round %d: done in %.1fs, sending %d bytes", job.round, metrics["seconds"], len(blob)
+        )
         part_bytes = int(cfg.max_message_mb * 2**20)
         if 0 < part_bytes < len(blob):  # too large for one message: fetched in parts
             return protocol.parts_reply(msg, PartStore().put(blob, part_bytes), metrics)
     except Exception as err:  # noqa: BLE001 - every failure must reach the server as a reason
-        log.error("pruning job failed: %s", traceback.format_exc())
-        return protocol.error_reply(msg, f"{type(err).__name__}: {err}")
+        reason = f"{type(err).__name__}: {err}"
+        # bad input (a ValueError with its reason: data, config, model, payload) in one line
+        log.error(
+            "job failed: %s", reason if isinstance(err, ValueError) else traceback.format_exc()
+        )
+        return protocol.error_reply(msg, reason)
     return protocol.payload_reply(msg, blob, metrics)
 
 

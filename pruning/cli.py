@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--method", default="sparsegpt", choices=METHODS)
     prune.add_argument("--sparsity", type=float, default=None, help="default 0.5 (or N:M's)")
     prune.add_argument("--pattern", default=None, help="N:M semi-structured, e.g. 2:4")
-    prune.add_argument("--calib-data", default="wikitext2/wiki.valid.tokens")
+    prune.add_argument("--calib-data", default="wikitext2", help="file or corpus name")
     prune.add_argument("--nsamples", type=int, default=32)
     prune.add_argument("--seed", type=int, default=0)
     prune.add_argument("--layers", default=None, help="comma-separated layer indices (all)")

@@ -62,11 +62,11 @@ class RunConfig(PruneSpec):
     num_server_rounds: int = 4
     min_nodes: int = 4
     vote_scaling: bool = False
-    calib_sources: tuple[str, ...] = ("wikitext2/wiki.valid.tokens", "ptb/ptb.valid.txt")
+    calib_sources: tuple[str, ...] = ("wikitext2", "ptb")
     sim_max_layers: tuple[int, ...] = (24, 16, 12, 8)
     max_layers: int = 0
     data_dir: str = ""
-    eval_data: tuple[str, ...] = ("wikitext2/wiki.test.raw", "ptb/ptb.test.txt")
+    eval_data: tuple[str, ...] = ("wikitext2", "ptb")
     eval_max_windows: int = 32
     eval_dense: bool = True
     out_dir: str = "runs"
@@ -85,6 +85,9 @@ class RunConfig(PruneSpec):
     # decoder weights (name patterns) that no rule prunes and the run may leave dense; any
     # other such weight stops the run (pruning.models.check_layout)
     keep_dense: tuple[str, ...] = ()
+    # torch threads of a client job (0: the process's own count). Float sums, and so the last
+    # bits of every pruned weight, depend on it: the same count on every run keeps runs equal
+    threads: int = 0
 
     @classmethod
     def parse(cls, values: Mapping[str, Any]) -> RunConfig:
@@ -137,6 +140,8 @@ class RunConfig(PruneSpec):
             raise ConfigError(f"aggregator replaces the l0 merge, which {self.method} does not use")
         if self.screen_mad <= 0 or self.screen_max_deviation <= 0:
             raise ConfigError("screen-mad and screen-max-deviation must be positive")
+        if self.threads < 0:
+            raise ConfigError(f"threads {self.threads} is negative (0: the process's own count)")
         return self
 
     def values(self) -> dict[str, Any]:

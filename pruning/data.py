@@ -1,10 +1,14 @@
 """Calibration windows and evaluation token streams (the SparseGPT protocol).
 
 A *source* is a local file (``.txt``, ``.jsonl`` with a text field, ``.parquet``) or a corpus
-name (``wikitext2``, ``ptb``, ``c4``) loaded from the Hugging Face Hub. Texts are joined the way
-SparseGPT does: WikiText rows with ``"\\n\\n"``, PTB sentences with ``" "``. A local ``.txt`` file
-is read one row per line (empty lines dropped) and joined with ``" "`` when its name contains
-``ptb``, else with ``"\\n\\n"``.
+name (``wikitext2``, ``ptb``, ``c4``). A path is tried as given, then under :func:`data_dir`. A
+corpus name resolves to its local file under :func:`data_dir` when that folder holds it (the
+layout of :data:`CORPORA`, so machines without network access run the same defaults), else to
+the Hugging Face Hub with the splits SparseGPT uses (train for calibration; test for
+evaluation, validation for C4). Texts are joined the way SparseGPT does: WikiText rows with
+``"\\n\\n"``, PTB sentences and C4 documents with ``" "``. A local ``.txt`` file is read one row
+per line (empty lines dropped) and joined with ``" "`` when its name contains ``ptb``, else with
+``"\\n\\n"``.
 
 Calibration draws ``nsamples`` windows of ``seqlen`` tokens at seeded random offsets. For the
 federated simulation one corpus is cut into ``num_partitions`` contiguous token shards and each
@@ -14,16 +18,65 @@ client draws from its own shard only.
 from __future__ import annotations
 
 import json
+import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-# name -> (hub dataset id, config, text field, joiner, calibration split, evaluation split)
-HUB_CORPORA = {
-    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "text", "\n\n", "train", "test"),
-    "ptb": ("ptb_text_only", "penn_treebank", "sentence", " ", "train", "test"),
-    "c4": ("allenai/c4", "en", "text", " ", "train", "validation"),
+log = logging.getLogger(__name__)
+
+ROLES = ("calibration", "evaluation")
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Where a named corpus is read from: a local file per role, else a hub dataset."""
+
+    local: dict[str, str]  # role -> path under the data folder
+    hub_id: str
+    hub_config: str | None
+    hub_split: dict[str, str]  # role -> split
+    column: str
+    joiner: str
+    hub_files: dict[str, str] | None = None  # split -> data file (C4: one shard, not the corpus)
+    max_rows: dict[str, int] | None = None  # role -> rows kept from the hub split (None: all)
+
+
+CORPORA = {
+    "wikitext2": Corpus(
+        local={
+            "calibration": "wikitext2/wiki.valid.tokens",
+            "evaluation": "wikitext2/wiki.test.raw",
+        },
+        hub_id="Salesforce/wikitext",
+        hub_config="wikitext-2-raw-v1",
+        hub_split={"calibration": "train", "evaluation": "test"},
+        column="text",
+        joiner="\n\n",
+    ),
+    "ptb": Corpus(
+        local={"calibration": "ptb/ptb.valid.txt", "evaluation": "ptb/ptb.test.txt"},
+        hub_id="ptb-text-only/ptb_text_only",
+        hub_config="penn_treebank",
+        hub_split={"calibration": "train", "evaluation": "test"},
+        column="sentence",
+        joiner=" ",
+    ),
+    "c4": Corpus(  # SparseGPT reads the first shard of each split, and 1100 validation documents
+        local={"calibration": "c4/c4-train.jsonl", "evaluation": "c4/c4-validation.jsonl"},
+        hub_id="allenai/c4",
+        hub_config=None,
+        hub_split={"calibration": "train", "evaluation": "validation"},
+        column="text",
+        joiner=" ",
+        hub_files={
+            "train": "en/c4-train.00000-of-01024.json.gz",
+            "validation": "en/c4-validation.00000-of-00008.json.gz",
+        },
+        max_rows={"calibration": 5000, "evaluation": 1100},
+    ),
 }
 
 
@@ -43,6 +96,34 @@ def _resolve_path(source: str, root: str | Path | None = None) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
+
+
+def hub_rows(corpus: Corpus, role: str) -> list[str]:
+    """The rows of a corpus's hub split (needs network access or the datasets cache).
+
+    The hub client's per-retry warnings are muted: a failure is reported once, by the caller.
+    """
+    from datasets import load_dataset
+
+    split = corpus.hub_split[role]
+    files = {split: corpus.hub_files[split]} if corpus.hub_files else None
+    log.info(
+        "reading %s split %r from the Hugging Face Hub (cached after the first time)",
+        corpus.hub_id,
+        split,
+    )
+    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "datasets")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        ds = load_dataset(corpus.hub_id, corpus.hub_config, data_files=files, split=split)
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+    if corpus.max_rows:
+        ds = ds.select(range(min(len(ds), corpus.max_rows[role])))
+    return list(ds[corpus.column])
 
 
 def _read_rows(path: Path, field: str) -> list[str]:
@@ -77,32 +158,46 @@ def _read_rows(path: Path, field: str) -> list[str]:
 def check_source(source: str, root: str | Path | None = None) -> None:
     """Fail fast on a source that is neither a local file nor a known corpus name, so that a typo
     is reported before a large model is loaded."""
-    if _resolve_path(source, root) is None and source not in HUB_CORPORA:
+    if _resolve_path(source, root) is None and source not in CORPORA:
         raise DataError(
-            f"{source!r} is neither a readable file nor a corpus name ({', '.join(HUB_CORPORA)})"
+            f"{source!r} is neither a readable file nor a corpus name ({', '.join(CORPORA)})"
         )
+
+
+def _folder(root: str | Path | None) -> str:
+    """The data folder as the user set it, for error messages."""
+    if root:
+        return f"data-dir {root}"
+    env = os.environ.get("FEDSPALLM_DATA")
+    return f"FEDSPALLM_DATA={env}" if env else "FEDSPALLM_DATA (unset, so ./data)"
 
 
 def load_text(
     source: str, split: str = "calibration", field: str = "text", root: str | Path | None = None
 ) -> str:
-    """The whole text of ``source`` joined by its corpus convention."""
+    """The whole text of ``source`` joined by its corpus convention; ``split`` is the role,
+    ``calibration`` or ``evaluation``, which picks a corpus's file or hub split."""
+    if split not in ROLES:
+        raise DataError(f"split {split!r} is not one of {', '.join(ROLES)}")
     path = _resolve_path(source, root)
     if path is not None:
         rows = [r for r in _read_rows(path, field) if r.strip()]
         return (" " if "ptb" in path.name.lower() else "\n\n").join(rows)
     check_source(source)
-    hub_id, config, column, joiner, calib_split, eval_split = HUB_CORPORA[source]
-    from datasets import load_dataset
-
+    corpus = CORPORA[source]
+    local = data_dir(root) / corpus.local[split]
+    if local.is_file():
+        return corpus.joiner.join(r for r in _read_rows(local, "text") if r.strip())
     try:
-        split_name = calib_split if split == "calibration" else eval_split
-        ds = load_dataset(hub_id, config, split=split_name)
+        rows = hub_rows(corpus, split)
     except Exception as err:  # the hub raises many types (network, missing config, ...)
-        raise DataError(f"cannot load {source!r} from the Hugging Face Hub: {err}") from err
-    if source == "c4":  # SparseGPT uses a few thousand documents, not the whole corpus
-        ds = ds.select(range(min(len(ds), 5000)))
-    return joiner.join(ds[column])
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        raise DataError(
+            f"corpus {source!r}: no {corpus.local[split]} under {_folder(root)}, and the Hugging "
+            f"Face Hub failed ({type(err).__name__}: {reason}); point FEDSPALLM_DATA at a folder "
+            "holding that file, or give a file path"
+        ) from None  # the reason is in the message; the hub client's traceback only hides it
+    return corpus.joiner.join(rows)  # as SparseGPT: every row, empty ones included
 
 
 def tokenize(text: str, tokenizer) -> torch.Tensor:

@@ -416,18 +416,29 @@ def prune_layers(
 
 
 def _progress(total: int, enabled: bool):
-    """A tqdm bar over pruned layers, with the last layer's time and error as postfix."""
+    """A tqdm bar over pruned layers, with the last layer's time and error as postfix, and a
+    log line per layer with the count done (what a Flower client shows instead of a bar)."""
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, desc="pruning", unit="layer", disable=not enabled)
+    done = 0  # a disabled bar counts nothing
 
     def update(layer: LayerReport | None) -> None:
+        nonlocal done
         if layer is None:
             bar.close()
             return
+        done += 1
         err = "-" if layer.rel_error is None else f"{layer.rel_error:.4f}"
         bar.set_postfix(layer=layer.index, sec=f"{layer.seconds:.1f}", err=err)
         bar.update()
-        log.info("layer %d pruned in %.1fs, rel. error %s", layer.index, layer.seconds, err)
+        log.info(
+            "layer %d done (%d/%d) in %.1fs, rel. error %s",
+            layer.index,
+            done,
+            total,
+            layer.seconds,
+            err,
+        )
 
     return update

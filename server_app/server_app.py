@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from pruning import console
 from pruning.checkpoint import Checkpoint
 from pruning.config import RunConfig
 from pruning.evaluate import describe_sparsity
@@ -22,9 +24,8 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    for name in ("fedspallm", "pruning", "server_app"):
-        logging.getLogger(name).setLevel(logging.INFO)
+    start = time.perf_counter()
+    console.setup("server")
     cfg = RunConfig.parse(context.run_config)
     out = Path(cfg.out_dir).expanduser().resolve() / f"{cfg.method}-{context.run_id}"
     saved = None
@@ -39,8 +40,7 @@ def main(grid: Grid, context: Context) -> None:
     report = run.finish(dense)
     write_report(out, report)
     plot_report(out, report)
-    log.info("done in %.0fs: pruned model, report.json and plots in %s", report["seconds"], out)
-    log.info("perplexity %s", report["perplexity"])
+    log.info("summary\n%s", console.summary(report, time.perf_counter() - start))
     for line in describe_sparsity(report["sparsity"]) if "sparsity" in report else ():
         log.info("%s", line)
     if not report["complete"]:

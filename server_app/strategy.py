@@ -89,7 +89,13 @@ class FedSpaLLMStrategy(Strategy):
                 log.warning("node %d did not report resources: %s", node, reply.error.reason)
             else:
                 self.fed.add_node(node, protocol.read_resources(reply))
-        log.info("node budgets (layers per round): %s", self.fed.state.budgets)
+        budgets = []
+        for node, budget in sorted(self.fed.state.budgets.items()):
+            pid = self.fed.state.resources[node].get("partition-id", -1)
+            budgets.append(
+                f"client {pid} (node {node}): {budget}" if pid >= 0 else f"node {node}: {budget}"
+            )
+        log.info("layers per round: %s", ", ".join(budgets))
 
     def _stream(self, grid: Grid, messages: Iterable[Message]) -> Iterator[tuple[int, Message]]:
         """Push the messages one by one as they are built, then yield ``(node, reply)`` as

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
+from pruning import data
 from pruning.data import (
     DataError,
     get_calibration,
@@ -185,3 +186,112 @@ def test_eval_tokens_are_the_whole_stream(text_file: Path, tokenizer) -> None:
     assert tokens.shape[0] == 1 and tokens.shape[1] > 1000
     assert torch.equal(tokens[0], tokenize(load_text(str(text_file), "evaluation"), tokenizer))
     assert tokenizer.decode(tokens[0]) == load_text(str(text_file))  # byte-level: lossless
+
+
+def _corpus_folder(tmp_path: Path) -> Path:
+    """A data folder in the shared layout holding WikiText-2's two files (PTB's are absent)."""
+    (tmp_path / "wikitext2").mkdir()
+    (tmp_path / "wikitext2" / "wiki.valid.tokens").write_text("calib one\n\ncalib two\n")
+    (tmp_path / "wikitext2" / "wiki.test.raw").write_text("test one\ntest two\n")
+    return tmp_path
+
+
+@pytest.fixture
+def hub_calls(monkeypatch) -> list[tuple[str, str]]:
+    """Record hub loads instead of making them: each returns two rows and an empty one."""
+    calls: list[tuple[str, str]] = []
+
+    def fake(corpus: data.Corpus, role: str) -> list[str]:
+        calls.append((corpus.hub_id, corpus.hub_split[role]))
+        return ["hub a", "", "hub b"]
+
+    monkeypatch.setattr(data, "hub_rows", fake)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("role", "expected"),
+    [("calibration", "calib one\n\ncalib two"), ("evaluation", "test one\n\ntest two")],
+)
+def test_a_corpus_name_reads_its_local_file_without_the_hub(
+    tmp_path: Path, monkeypatch, hub_calls: list, role: str, expected: str
+) -> None:
+    monkeypatch.setenv("FEDSPALLM_DATA", str(_corpus_folder(tmp_path)))
+    assert load_text("wikitext2", role) == expected
+    assert hub_calls == []
+
+
+def test_the_run_configs_data_dir_comes_before_fedspallm_data(
+    tmp_path: Path, monkeypatch, hub_calls: list
+) -> None:
+    monkeypatch.setenv("FEDSPALLM_DATA", str(tmp_path / "elsewhere"))
+    assert load_text("wikitext2", root=_corpus_folder(tmp_path)) == "calib one\n\ncalib two"
+    assert hub_calls == []
+
+
+@pytest.mark.parametrize(
+    ("source", "role", "hub"),
+    [
+        ("ptb", "calibration", ("ptb-text-only/ptb_text_only", "train")),
+        ("ptb", "evaluation", ("ptb-text-only/ptb_text_only", "test")),
+        ("c4", "evaluation", ("allenai/c4", "validation")),
+    ],
+)
+def test_a_corpus_without_a_local_file_comes_from_the_hub_with_sparsegpts_split(
+    tmp_path: Path, monkeypatch, hub_calls: list, source: str, role: str, hub: tuple
+) -> None:
+    monkeypatch.setenv("FEDSPALLM_DATA", str(_corpus_folder(tmp_path)))
+    joiner = data.CORPORA[source].joiner
+    assert load_text(source, role) == joiner.join(["hub a", "", "hub b"])  # every row, as SparseGPT
+    assert hub_calls == [hub]
+
+
+def test_an_explicit_path_is_read_as_a_file_even_if_named_like_a_corpus(
+    tmp_path: Path, monkeypatch, hub_calls: list
+) -> None:
+    (tmp_path / "ptb").write_text("own text\nmore\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_text("ptb") == "own text more"  # its name has "ptb": PTB's joiner
+    assert hub_calls == []
+
+
+def test_no_local_file_and_no_hub_is_one_line_naming_fedspallm_data(
+    tmp_path: Path, monkeypatch
+) -> None:
+    def offline(corpus: data.Corpus, role: str) -> list[str]:
+        raise ConnectionError("Couldn't reach 'ptb-text-only/ptb_text_only' on the Hub\nretry")
+
+    monkeypatch.setattr(data, "hub_rows", offline)
+    monkeypatch.setenv("FEDSPALLM_DATA", str(tmp_path))
+    with pytest.raises(DataError) as err:
+        load_text("ptb", "evaluation")
+    message = str(err.value)
+    assert "\n" not in message
+    assert f"no ptb/ptb.test.txt under FEDSPALLM_DATA={tmp_path}" in message
+    assert "ConnectionError: Couldn't reach" in message and "retry" not in message
+    monkeypatch.delenv("FEDSPALLM_DATA")
+    with pytest.raises(DataError, match=r"under FEDSPALLM_DATA \(unset, so ./data\)"):
+        load_text("ptb")
+
+
+def test_the_cli_reports_an_unreachable_corpus_in_one_line(
+    tmp_path: Path, monkeypatch, capsys, tiny_llama_dir: Path
+) -> None:
+    from pruning.cli import main
+
+    def offline(corpus: data.Corpus, role: str) -> list[str]:
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(data, "hub_rows", offline)
+    monkeypatch.setenv("FEDSPALLM_DATA", str(tmp_path))
+    assert main(["eval", "--model", str(tiny_llama_dir), "--data", "ptb"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: corpus 'ptb'")
+    assert "FEDSPALLM_DATA" in err
+
+
+def test_the_run_config_default_sources_are_corpus_names() -> None:
+    from pruning.config import RunConfig
+
+    cfg = RunConfig()
+    assert set(cfg.calib_sources) | set(cfg.eval_data) <= set(data.CORPORA)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -58,6 +59,7 @@ def run_dir(tiny_llama_dir: Path, data_dir: Path, tmp_path_factory) -> Path:
     proc = simulate(home, data_dir, overrides)
     runs = list(out.glob("fedspallm-*"))
     assert proc.returncode == 0 and len(runs) == 1, failure(proc)
+    (out / "stream.log").write_text(proc.stdout + proc.stderr)  # what a user sees
     return runs[0]
 
 
@@ -84,6 +86,7 @@ def test_report_matches_what_was_sent(run_dir: Path) -> None:
         for node, reply in rnd["replies"].items():
             assert reply["ok"], reply
             assert reply["bytes_up"] == reply["metrics"]["payload-bytes"] > 0
+            assert reply["metrics"]["threads"] == 1  # CPUS_PER_CLIENT, set by the client
             # budgets bound the prune phase; in the refine phase every node takes every layer
             limit = budgets[node] if rnd["phase"] == "prune" else 4
             assert reply["metrics"]["layers"] == len(rnd["assignment"][node]) <= limit
@@ -181,3 +184,24 @@ def test_a_run_stopped_after_round_1_resumes_to_the_uninterrupted_model(
     assert played == [r.assignment for r in whole.state.rounds]
     saved = load_file(run / "model" / "model.safetensors")
     assert all(torch.equal(saved[k], whole.model.params[k].detach()) for k in whole.model.shapes)
+
+
+def test_the_stream_shows_each_clients_progress_and_ends_with_the_summary(run_dir: Path) -> None:
+    stream = (run_dir.parent / "stream.log").read_text()
+    for noise in ("options.` fields", "Loading weights", "Writing model shards", "repeated "):
+        assert noise not in stream, noise
+    assert "Traceback" not in stream and "Warning" not in stream.replace("WARNING", "")
+    report = json.loads((run_dir / "report.json").read_text())
+    for rnd in report["rounds"]:  # every job: its layers, one line per layer done, the upload
+        for node, layers in rnd["assignment"].items():
+            client = f"client {report['nodes'][node]['resources']['partition-id']}"
+            assert f"{client}: round {rnd['round']} ({rnd['phase']}): layers {layers}" in stream
+            for k in range(1, len(layers) + 1):
+                assert re.search(rf"{client}: layer \d+ done \({k}/{len(layers)}\) in ", stream)
+            assert f"{client}: round {rnd['round']}: done in " in stream
+    summary = stream[stream.index("FedSpaLLM run finished") :]
+    dense, pruned = report["perplexity"]["dense"], report["perplexity"]["pruned"]
+    for source in pruned:
+        assert re.search(rf"{source} +{dense[source]:.2f} -> +{pruned[source]:.2f}\n", summary)
+    assert f"{report['bytes']['total_up'] / 1024:.1f} KiB / " in summary
+    assert re.search(r"wall time +\d+ s", summary) and report["out"] in summary
