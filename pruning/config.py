@@ -47,6 +47,10 @@ class PruneSpec:
     # dtype of the kept values on the wire (the pruning math stays in float32): the usual
     # checkpoint dtype, half of float32's bytes; "" sends the model's own dtype
     transport_dtype: str = "bfloat16"
+    # refine phase: 2 = each layer runs dense for its statistics, then re-solved for the next
+    # layer's inputs (the client's own refined layers feed the ones above); 1 = one pass
+    # through the merged model gives both (faster; statistics of the merged layers)
+    refine_passes: int = 2
 
     def target(self) -> Target:
         return Target.of(self.sparsity, self.pattern)
@@ -138,6 +142,8 @@ class RunConfig(PruneSpec):
             raise ConfigError("vote-scaling applies to the mask-vote merge (fedprllm) only")
         if self.aggregator and "l0" not in METHODS[self.method].merges(False):
             raise ConfigError(f"aggregator replaces the l0 merge, which {self.method} does not use")
+        if self.refine_passes not in (1, 2):
+            raise ConfigError(f"refine-passes {self.refine_passes} is not 1 or 2")
         if self.screen_mad <= 0 or self.screen_max_deviation <= 0:
             raise ConfigError("screen-mad and screen-max-deviation must be positive")
         if self.threads < 0:

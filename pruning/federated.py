@@ -163,8 +163,10 @@ class ClientWorker:
         ``prune``: the job's layers are pruned to the target on top of the base model and the
         aggregated layers sent down (``scope="all"`` prunes the others below them too).
         ``refine``: the server sent the merged model; the job's layers start again from their
-        dense base weights and only the kept values of the merged masks are solved, on the
-        inputs each linear sees in the merged model (one pass through it).
+        dense base weights and only the kept values of the merged masks are solved. With
+        ``refine_passes=2`` each layer runs dense for its statistics and again re-solved, so the
+        job's own refined layers feed the ones above; with 1, one pass through the merged model
+        gives both statistics and inputs.
         """
         start = time.perf_counter()
         load_layer_state(self.model, self.base)
@@ -175,9 +177,14 @@ class ClientWorker:
                 raise ValueError("a refine job needs the merged masks of its layers")
             masks = decoded.masks
             targets = lambda key: Target.fixed(masks[key])  # noqa: E731 - one use, read inline
-            solve_from = self.base.__getitem__  # each job layer is re-solved from its dense weights
+            if job.refine_passes == 1:  # each job layer is re-solved from its dense weights
+                solve_from = self.base.__getitem__
         if decoded is not None:
-            load_layer_state(self.model, dict(decoded.weights))
+            # two passes: the job's own layers start dense (their statistics) and are re-solved
+            # in place, so the refined ones feed the layers above
+            two_pass = job.phase == "refine" and solve_from is None
+            own = set(layer_state(self.model, job.layers)) if two_pass else set()
+            load_layer_state(self.model, {k: w for k, w in decoded.weights.items() if k not in own})
         layers = set(job.layers)
         if job.phase == "prune" and job.scope == "all" and layers:
             layers |= set(range(max(layers) + 1)) - set(decoded.meta.layers if decoded else ())

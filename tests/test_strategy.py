@@ -393,6 +393,31 @@ def test_each_preset_equals_a_reference_built_from_the_engine(
     assert phases == (["prune", "refine"] if two_phase else ["prune"])
 
 
+def test_one_pass_refine_keeps_the_masks_and_solves_on_the_merged_models_statistics(
+    setup: dict,
+) -> None:
+    """``refine-passes=1`` and ``2`` share the prune phase bit for bit and keep its masks; the
+    refined values differ (statistics of the merged layers, not of dense ones fed by the
+    client's own refined layers), and both equal the engine reference of their setting."""
+    w, budgets = setup["worker"], [2, 1, 2]
+    ids = [907, 15, 433]
+    outputs: dict[int, dict] = {}
+    masks: dict[int, dict] = {}
+    for passes in (1, 2):
+        nodes = {
+            n: honest_node(w, partition_data(setup, p, 3), budgets[p], partition_id=p)
+            for p, n in enumerate(ids)
+        }
+        run = run_strategy(setup, nodes, method="fedspallm", refine_passes=passes)
+        outputs[passes] = pruned_weights(run)
+        masks[passes] = {k: v != 0 for k, v in outputs[passes].items()}
+        expected = reference_output(run.cfg, w, lambda p: partition_data(setup, p, 3), budgets)
+        assert all(torch.equal(v, expected[k]) for k, v in outputs[passes].items())
+    # the same mask (a merged bf16 value may round to exactly 0: at most one such per tensor)
+    assert all(int((masks[1][k] != masks[2][k]).sum()) <= 1 for k in masks[1])
+    assert any(not torch.equal(outputs[1][k], outputs[2][k]) for k in outputs[1])
+
+
 def _fails_to_refine(node: Callable) -> Callable:
     def reply(msg: Message) -> Message | None:
         if (
