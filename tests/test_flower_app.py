@@ -153,8 +153,10 @@ def test_a_run_stopped_after_round_1_resumes_to_the_uninterrupted_model(
         "nsamples=8 seqlen=64 eval-dense=false eval-max-windows=2 max-message-mb=0.01"
     )
     stopped = simulate(home, data_dir, common, FEDSPALLM_STOP_AFTER_ROUND="1")
-    (run,) = out.glob("fedspallm-*")
-    assert stopped.returncode != 0 and not (run / "report.json").exists(), failure(stopped)
+    runs = list(out.glob("fedspallm-*"))
+    assert len(runs) == 1 and stopped.returncode != 0, failure(stopped)
+    (run,) = runs
+    assert not (run / "report.json").exists()
     state = json.loads((run / "state.json").read_text())
     assert [r["phase"] for r in state["rounds"]] == ["prune"] and len(state["remaining"]) == 1
     assert len(list((run / "checkpoint").glob("layer-*.round-1.safetensors"))) == 3

@@ -269,6 +269,25 @@ def test_large_payloads_are_fetched_in_parts_to_the_same_model(setup: dict, tmp_
     assert "parts" in bad.state.rounds[0].replies[2].reason and bad.state.rounds[0].replies[1].ok
 
 
+def test_an_exhausted_run_goes_on_with_more_rounds(setup: dict) -> None:
+    """``num-server-rounds`` may grow on a resume: a run cut short by it ends as a longer one."""
+
+    def nodes() -> dict[int, Behaviour]:
+        return {n: honest_node(setup["worker"], setup["data"], 1, p) for p, n in enumerate([1, 2])}
+
+    short = run_strategy(setup, nodes(), num_server_rounds=1)
+    assert short.state.remaining
+    cfg = replace(short.cfg, num_server_rounds=4, resume=str(short.out))
+    more = FederatedRun(
+        cfg, GlobalModel(cfg.model), short.out, Checkpoint(short.out).read_state(cfg)
+    )
+    FedSpaLLMStrategy(more).run(FakeGrid(nodes()))
+    whole = run_strategy(setup, nodes())
+    assert len(more.state.rounds) == len(whole.state.rounds) == 2 and not more.state.remaining
+    expected = pruned_weights(whole)
+    assert all(torch.equal(v, expected[k]) for k, v in pruned_weights(more).items())
+
+
 def test_a_resume_refuses_another_config_or_a_missing_state(setup: dict, tmp_path: Path):
     cfg = config(setup, 1, method="fedspallm")
     w, d = setup["worker"], setup["data"]
