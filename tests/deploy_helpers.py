@@ -240,3 +240,35 @@ def flwr_json(args: list[str], env: Mapping[str, str], timeout: float = 60.0) ->
     if result.returncode != 0 or start < 0:
         raise RuntimeError(f"flwr {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
     return json.loads(result.stdout[start:])
+
+
+def simulate(
+    home: Path, data_dir: Path, overrides: str, nodes: int = 3, **env: str
+) -> subprocess.CompletedProcess:
+    """``scripts/run_simulation.sh`` with ``nodes`` SuperNodes of one CPU each and ``overrides``."""
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FEDSPALLM_DATA": str(data_dir),
+        "NUM_SUPERNODES": str(nodes),
+        "CPUS_PER_CLIENT": "1",
+        # a local SuperLink of our own: `flwr run` would reuse any other one on the default ports
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+        **env,
+    }
+    return subprocess.run(
+        [str(REPO_ROOT / "scripts/run_simulation.sh"), "--run-config", overrides],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+
+
+def failure(proc: subprocess.CompletedProcess) -> str:
+    return proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -3,50 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from deploy_helpers import free_port
+from deploy_helpers import failure, simulate
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from pruning.payload import decode_payload
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def simulate(home: Path, data_dir: Path, overrides: str, **env: str) -> subprocess.CompletedProcess:
-    """``scripts/run_simulation.sh`` with 3 SuperNodes of one CPU each and ``overrides``."""
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FEDSPALLM_DATA": str(data_dir),
-        "NUM_SUPERNODES": "3",
-        "CPUS_PER_CLIENT": "1",
-        # a local SuperLink of our own: `flwr run` would reuse any other one on the default ports
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
-        **env,
-    }
-    return subprocess.run(
-        [str(ROOT / "scripts/run_simulation.sh"), "--run-config", overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=540,
-    )
-
-
-def failure(proc: subprocess.CompletedProcess) -> str:
-    return proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")

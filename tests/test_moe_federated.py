@@ -5,13 +5,11 @@ on a tiny Mixtral."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from deploy_helpers import free_port
+from deploy_helpers import failure, simulate
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
@@ -20,7 +18,6 @@ from pruning.aggregate import merge_tensor
 from pruning.payload import Expected, PayloadError, PayloadMeta, decode_payload, encode_payload
 from pruning.sparsity import Target, nm_valid, parse_pattern, prune_count
 
-ROOT = Path(__file__).resolve().parents[1]
 KEY = "model.layers.0.mlp.experts.down_proj"
 SHAPE = (3, 8, 16)
 
@@ -107,32 +104,13 @@ def moe_run(tmp_path_factory, data_dir: Path) -> tuple[Path, str]:
 
     model = make_tiny_model("mixtral", tmp_path_factory.mktemp("tiny-mixtral"), num_layers=2)
     home, out = tmp_path_factory.mktemp("flwr-home"), tmp_path_factory.mktemp("runs")
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FEDSPALLM_DATA": str(data_dir),
-        "NUM_SUPERNODES": "2",
-        "CPUS_PER_CLIENT": "1",
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
-    }
     overrides = (
         f"model='{model}' out-dir='{out}' min-nodes=2 sim-max-layers='2,1' "
         "nsamples=4 seqlen=32 eval-max-windows=2 eval-dense=false"
     )
-    proc = subprocess.run(
-        [str(ROOT / "scripts/run_simulation.sh"), "--run-config", overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=540,
-    )
+    proc = simulate(home, data_dir, overrides, nodes=2)
     runs = list(out.glob("fedspallm-*"))
-    assert proc.returncode == 0 and len(runs) == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0 and len(runs) == 1, failure(proc)
     return runs[0], proc.stdout + proc.stderr
 
 
