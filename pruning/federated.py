@@ -172,6 +172,7 @@ class ClientWorker:
         load_layer_state(self.model, self.base)
         decoded = decode_payload(global_blob, Expected(shapes=self.shapes)) if global_blob else None
         targets = solve_from = None
+        own: set[str] = set()  # weights that keep their dense base values for now
         if job.phase == "refine":
             if decoded is None or not set(job.layers) <= set(decoded.meta.layers):
                 raise ValueError("a refine job needs the merged masks of its layers")
@@ -179,11 +180,9 @@ class ClientWorker:
             targets = lambda key: Target.fixed(masks[key])  # noqa: E731 - one use, read inline
             if job.refine_passes == 1:  # each job layer is re-solved from its dense weights
                 solve_from = self.base.__getitem__
+            else:  # the job's layers start dense and are re-solved in place, feeding the next
+                own = set(layer_state(self.model, job.layers))
         if decoded is not None:
-            # two passes: the job's own layers start dense (their statistics) and are re-solved
-            # in place, so the refined ones feed the layers above
-            two_pass = job.phase == "refine" and solve_from is None
-            own = set(layer_state(self.model, job.layers)) if two_pass else set()
             load_layer_state(self.model, {k: w for k, w in decoded.weights.items() if k not in own})
         layers = set(job.layers)
         if job.phase == "prune" and job.scope == "all" and layers:
