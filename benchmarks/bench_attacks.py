@@ -127,7 +127,9 @@ def _value(text: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--attacks", default=",".join(ATTACKS), help="comma-separated")
+    parser.add_argument(
+        "--attacks", default=",".join(ATTACKS), help="comma-separated ('': the clean run only)"
+    )
     parser.add_argument("--attacker", type=int, default=1, help="the attacker's partition")
     parser.add_argument("--layers", type=int, default=0, help="prune only the first N (0: all)")
     parser.add_argument("--eval-windows", type=int, default=64)
@@ -144,7 +146,7 @@ def main() -> None:
         | {"model": args.model, "nsamples": args.nsamples, "eval-max-windows": args.eval_windows}
     )
     worker = ClientWorker(cfg.model, cfg.dtype)
-    rows = [measure(cfg, worker, a, args) for a in ["", *args.attacks.split(",")]]
+    rows = [measure(cfg, worker, a, args) for a in ["", *filter(None, args.attacks.split(","))]]
     print(table(rows))
     if args.out:
         args.out.write_text(table(rows) + "\n")

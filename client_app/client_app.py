@@ -76,14 +76,25 @@ def train(msg: Message, context: Context) -> Message:
         )
         device = str(node["device"]) if "device" in node else None
         worker = _worker(cfg.model, cfg.dtype, device, cfg.keep_dense)
-        blob, metrics = worker.run(job, _client_data(cfg, node), down)
-        metrics["threads"] = threads  # the report shows what the float sums ran on
-        log.info(
-            "round %d: done in %.1fs, sending %d bytes", job.round, metrics["seconds"], len(blob)
-        )
-        part_bytes = int(cfg.max_message_mb * 2**20)
-        if 0 < part_bytes < len(blob):  # too large for one message: fetched in parts
-            return protocol.parts_reply(msg, PartStore().put(blob, part_bytes), metrics)
+        # the payload goes to a file as it is encoded: a large one stays there for the server
+        # to fetch in parts, a small one is read back and sent in the reply
+        store = PartStore()
+        key, path = store.new()
+        try:
+            with path.open("wb") as sink:
+                _, metrics = worker.run(job, _client_data(cfg, node), down, sink)
+            size, part_bytes = metrics["payload-bytes"], int(cfg.max_message_mb * 2**20)
+            metrics["threads"] = threads  # the report shows what the float sums ran on
+            log.info(
+                "round %d: done in %.1fs, sending %d bytes", job.round, metrics["seconds"], size
+            )
+            if 0 < part_bytes < size:
+                manifest, path = store.seal(key, part_bytes), None  # the node keeps the file
+                return protocol.parts_reply(msg, manifest, metrics)
+            blob = path.read_bytes()
+        finally:
+            if path is not None:
+                path.unlink(missing_ok=True)
     except Exception as err:  # noqa: BLE001 - every failure must reach the server as a reason
         reason = f"{type(err).__name__}: {err}"
         # bad input (a ValueError with its reason: data, config, model, payload) in one line

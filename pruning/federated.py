@@ -12,6 +12,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -22,6 +23,8 @@ from .evaluate import perplexity, sparsity_report
 from .models import (
     DEFAULT_DTYPE,
     DTYPES,
+    BaseWeights,
+    checkpoint_files,
     layer_state,
     load_layer_state,
     load_model,
@@ -29,7 +32,14 @@ from .models import (
     prunable_shapes,
     prunable_views,
 )
-from .payload import Expected, PayloadMeta, StoredPayload, decode_payload, encode_payload
+from .payload import (
+    Expected,
+    PayloadMeta,
+    StoredPayload,
+    decode_payload,
+    encode_payload,
+    write_payload,
+)
 from .sparsity import Target
 
 log = logging.getLogger(__name__)
@@ -133,8 +143,9 @@ def flat_shapes(layer_shapes: dict[int, dict[str, tuple[int, ...]]]) -> dict[str
 class ClientWorker:
     """A client's copy of the base model, kept across jobs, and the job runner.
 
-    Pruning works in place, so the prunable weights are saved once and restored before each
-    job: every job starts from the base model plus whatever global layers the server sent.
+    Pruning works in place, so the prunable weights are restored before each job (read back
+    from the checkpoint, see :class:`BaseWeights`): every job starts from the base model plus
+    whatever global layers the server sent.
     """
 
     def __init__(
@@ -147,18 +158,28 @@ class ClientWorker:
         self.model, self.tokenizer = load_model(model_spec, dtype, keep_dense=keep_dense)
         self.device = device
         self.shapes = flat_shapes(prunable_shapes(self.model))
-        self.base = {
-            k: v.clone() for k, v in layer_state(self.model, range(self.num_layers)).items()
-        }
+        self.base = BaseWeights(self.model, checkpoint_files(model_spec))
+        log.info(
+            "base weights: %d of %d read back from the checkpoint, the rest kept in RAM",
+            self.base.from_checkpoint,
+            len(self.base),
+        )
 
     @property
     def num_layers(self) -> int:
         return num_layers(self.model)
 
     def run(
-        self, job: Job, data: ClientData, global_blob: bytes | None = None
-    ) -> tuple[bytes, dict]:
+        self,
+        job: Job,
+        data: ClientData,
+        global_blob: bytes | None = None,
+        sink: BinaryIO | None = None,
+    ) -> tuple[bytes | None, dict]:
         """Run one job on private data; return the payload and metrics.
+
+        With a ``sink`` (a file) the payload is written there one matrix at a time and
+        ``None`` returned in its place: the payload of many layers is never held in memory.
 
         ``prune``: the job's layers are pruned to the target on top of the base model and the
         aggregated layers sent down (``scope="all"`` prunes the others below them too).
@@ -211,13 +232,18 @@ class ClientWorker:
             phase=job.phase,
             expert_tokens={k: c for k, c in report.expert_tokens().items() if k in weights},
         )
-        blob = encode_payload(weights, meta, {k: masks[k] for k in weights})
+        job_masks = {k: masks[k] for k in weights}
+        if sink is None:
+            blob = encode_payload(weights, meta, job_masks)
+            size = len(blob)
+        else:
+            blob, size = None, write_payload(sink, weights, meta, job_masks)
         errors = [e for i in job.layers if (e := report.layers[i].rel_error) is not None]
         metrics = {
             "tokens": report.tokens,
             "prune-seconds": report.seconds,
             "seconds": time.perf_counter() - start,
-            "payload-bytes": len(blob),
+            "payload-bytes": size,
             "rel-error": sum(errors) / len(errors) if errors else 0.0,  # 0: not measured
             "layers": len(job.layers),
             "layers-pruned": len(layers),

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -430,3 +430,72 @@ def load_layer_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None
     with torch.no_grad():
         for key, value in tensors.items():
             params[key].copy_(value.to(params[key].dtype))
+
+
+def checkpoint_files(spec: str) -> list[Path]:
+    """The safetensors files a model spec loads from (empty for GGUF, or a hub id that is not
+    in the local cache): where :class:`BaseWeights` reads the base weights back."""
+    source, kwargs = _resolve(spec)
+    if "gguf_file" in kwargs:
+        return []
+    folder = Path(source)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(source, local_files_only=True))
+        except Exception:  # noqa: BLE001 - any miss means: keep copies in RAM
+            return []
+    return sorted(folder.glob("*.safetensors"))
+
+
+class BaseWeights(Mapping[str, torch.Tensor]):
+    """The base model's prunable weights, as loaded, for restoring them between jobs.
+
+    A client prunes in place, so it needs the base weights again for every job. Keeping a copy
+    in RAM doubles its memory (a 7B model in fp32: > 50 GB); instead each weight is read back
+    from the checkpoint's safetensors when asked for (memory-mapped, one tensor at a time, cast
+    to the model's dtype). A weight is read from the file only if, at start, the file's tensor
+    cast to the model's dtype is bit-identical to what was loaded; the others (GGUF models,
+    weights transformers converts while loading) stay as RAM copies. Values are in the pruners'
+    orientation (see :func:`prunable_views`).
+    """
+
+    def __init__(self, model: nn.Module, files: Iterable[Path] = ()):
+        from safetensors import safe_open
+
+        self._weights = {
+            k: w for layer in prunable_weights(model).values() for k, (_, w) in layer.items()
+        }
+        loaded = layer_state(model, range(num_layers(model)))
+        self._dtype = {k: v.dtype for k, v in loaded.items()}
+        index: dict[str, Path] = {}
+        for file in files:
+            with safe_open(file, framework="pt") as handle:
+                index.update(dict.fromkeys(handle.keys(), Path(file)))
+        self._files = {k: index[k] for k in loaded if k in index}
+        self._copies: dict[str, torch.Tensor] = {}
+        for key, value in loaded.items():
+            if key not in self._files or not torch.equal(self[key], value):
+                self._files.pop(key, None)
+                self._copies[key] = value.clone()
+
+    @property
+    def from_checkpoint(self) -> int:
+        """How many weights are read back from the checkpoint (the rest are RAM copies)."""
+        return len(self._files)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self._copies:
+            return self._copies[key]
+        from safetensors import safe_open
+
+        with safe_open(self._files[key], framework="pt") as handle:
+            value = handle.get_tensor(key).to(self._dtype[key])
+        return value.t() if self._weights[key].kind == "conv1d" else value
+
+    def __iter__(self):
+        return iter(self._dtype)
+
+    def __len__(self) -> int:
+        return len(self._dtype)

@@ -70,12 +70,25 @@ class PartStore:
             raise ValueError(f"bad part key {key!r}")
         return self.root / f"{key}.safetensors"
 
-    def put(self, blob: bytes, part_bytes: int) -> Manifest:
+    def new(self) -> tuple[str, Path]:
+        """A fresh key and the path to write its payload to (then :meth:`seal` it)."""
         key = uuid.uuid4().hex
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
+        return key, path
+
+    def seal(self, key: str, part_bytes: int) -> Manifest:
+        """The manifest of a written payload (its hash read back in chunks, not held whole)."""
+        digest, path = hashlib.sha256(), self._path(key)
+        with path.open("rb") as fh:
+            while chunk := fh.read(2**24):
+                digest.update(chunk)
+        return Manifest(key, path.stat().st_size, part_bytes, digest.hexdigest())
+
+    def put(self, blob: bytes, part_bytes: int) -> Manifest:
+        key, path = self.new()
         path.write_bytes(blob)
-        return Manifest(key, len(blob), part_bytes, hashlib.sha256(blob).hexdigest())
+        return self.seal(key, part_bytes)
 
     def part(self, manifest: Manifest, index: int) -> bytes:
         """Part ``index`` of a stored payload; the file is removed once the last is read."""

@@ -24,12 +24,14 @@ never unpickles; everything it rejects raises :class:`PayloadError` with a stabl
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import safetensors.torch
@@ -155,10 +157,7 @@ class SparseTensor:
     @classmethod
     def pack(cls, weight: torch.Tensor, mask: torch.Tensor) -> SparseTensor:
         """Bitmask and kept values of ``weight`` under its keep ``mask``."""
-        if weight.dim() == 0 or mask.shape != weight.shape or mask.dtype != torch.bool:
-            raise ValueError(f"need a bool mask of shape {tuple(weight.shape)} for a >=1-d weight")
-        if weight.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"weights must be floating point, got {weight.dtype}")
+        _check_packable(weight, mask)
         keep = mask.detach().cpu().numpy()
         # numpy's boolean indexing streams (torch's masked_select builds an int64 prefix sum);
         # viewing as a same-width int also covers bfloat16, which numpy lacks
@@ -174,6 +173,13 @@ class SparseTensor:
         mask = self.mask()
         dense = torch.zeros(self.shape, dtype=self.values.dtype).masked_scatter_(mask, self.values)
         return dense, mask
+
+
+def _check_packable(weight: torch.Tensor, mask: torch.Tensor) -> None:
+    if weight.dim() == 0 or mask.shape != weight.shape or mask.dtype != torch.bool:
+        raise ValueError(f"need a bool mask of shape {tuple(weight.shape)} for a >=1-d weight")
+    if weight.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"weights must be floating point, got {weight.dtype}")
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -263,20 +269,76 @@ class Expected:
         return meta
 
 
+_ST_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.uint8: "U8",
+}
+
+
+def write_payload(
+    out: BinaryIO,
+    weights: Mapping[str, torch.Tensor],
+    meta: PayloadMeta,
+    masks: Mapping[str, torch.Tensor] | None = None,
+) -> int:
+    """Write pruned weights (mask defaults to ``weight != 0``) to ``out`` as safetensors, one
+    matrix at a time, and return the bytes written.
+
+    The header is computed from the masks alone (kept counts), so no more than one matrix's
+    bitmask and values are ever in memory: a client can send a payload larger than its free
+    RAM. Any safetensors reader parses the result (it is what :func:`decode_payload` reads).
+    """
+
+    def mask_of(key: str) -> torch.Tensor:
+        return weights[key] != 0 if masks is None else masks[key]
+
+    header: dict = {"__metadata__": meta.to_strings()}
+    offset = 0
+    for key, weight in weights.items():
+        mask = mask_of(key)
+        _check_packable(weight, mask)
+        rows, row_bytes = math.prod(weight.shape[:-1]), (weight.shape[-1] + 7) // 8
+        kept = int(mask.sum())
+        layout = {
+            "shape": ("I64", [weight.dim()], 8 * weight.dim()),
+            "bitmask": ("U8", [rows, row_bytes], rows * row_bytes),
+            "values": (_ST_DTYPES[weight.dtype], [kept], kept * weight.dtype.itemsize),
+        }
+        for part, (dtype, shape, size) in layout.items():
+            if part in meta.parts:
+                header[f"{key}.{part}"] = {
+                    "dtype": dtype,
+                    "shape": shape,
+                    "data_offsets": [offset, offset + size],
+                }
+                offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # tensors start 8-byte aligned, as safetensors writes them
+    out.write(len(raw).to_bytes(8, "little") + raw)
+    for key, weight in weights.items():
+        sparse = SparseTensor.pack(weight, mask_of(key))
+        data = {
+            "shape": np.asarray(sparse.shape, dtype="<i8"),
+            "bitmask": sparse.bitmask.numpy(),
+            "values": as_int(sparse.values).numpy(),
+        }
+        for part in (p for p in ("shape", "bitmask", "values") if p in meta.parts):
+            out.write(np.ascontiguousarray(data[part]).tobytes())
+    return 8 + len(raw) + offset
+
+
 def encode_payload(
     weights: Mapping[str, torch.Tensor],
     meta: PayloadMeta,
     masks: Mapping[str, torch.Tensor] | None = None,
 ) -> bytes:
     """Pack pruned weights (mask defaults to ``weight != 0``) into safetensors bytes."""
-    tensors = {}
-    for key, weight in weights.items():
-        sparse = SparseTensor.pack(weight, weight != 0 if masks is None else masks[key])
-        tensors[f"{key}.shape"] = torch.tensor(sparse.shape, dtype=torch.int64)
-        tensors[f"{key}.bitmask"] = sparse.bitmask
-        tensors[f"{key}.values"] = sparse.values
-    tensors = {k: v for k, v in tensors.items() if k.rpartition(".")[2] in meta.parts}
-    return safetensors.torch.save(tensors, metadata=meta.to_strings())
+    buffer = io.BytesIO()
+    write_payload(buffer, weights, meta, masks)
+    return buffer.getvalue()
 
 
 def decode_payload(blob: bytes, expected: Expected | None = None) -> Decoded:

@@ -11,9 +11,12 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from pruning.models import (
+    DTYPES,
+    BaseWeights,
     LayoutError,
     ModelError,
     check_layout,
+    checkpoint_files,
     classify,
     get_adapter,
     layer_state,
@@ -133,6 +136,48 @@ def test_layer_state_round_trip(loaded) -> None:
         assert value.dtype == before[key].dtype and torch.equal(value, expected), key
     load_layer_state(model, saved)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_base_weights_are_read_back_from_the_checkpoint(tiny_llama_dir: Path, dtype: str) -> None:
+    """A lean client restores its base weights from the safetensors files, bit for bit, in
+    the dtype it runs in, after pruning has overwritten them; no weight is copied in RAM."""
+    model, _ = load_model(str(tiny_llama_dir), dtype)
+    every = range(num_layers(model))
+    loaded = {k: v.clone() for k, v in layer_state(model, every).items()}
+    base = BaseWeights(model, checkpoint_files(str(tiny_llama_dir)))
+    assert base.from_checkpoint == len(base) == len(loaded) and not base._copies
+    load_layer_state(model, {k: torch.zeros_like(v) for k, v in loaded.items()})
+    load_layer_state(model, base)
+    for key, value in layer_state(model, every).items():
+        assert value.dtype == DTYPES[dtype] and torch.equal(value, loaded[key]), key
+
+
+def test_base_weights_keep_a_copy_of_what_the_file_does_not_hold(
+    tmp_path: Path, tiny_llama_dir: Path
+) -> None:
+    """A weight missing from the files, or different there from what was loaded (a conversion
+    on load), is kept in RAM: restoring never changes the base model."""
+    from safetensors.torch import load_file, save_file
+
+    model, _ = load_model(str(tiny_llama_dir))
+    tensors = load_file(tiny_llama_dir / "model.safetensors")
+    changed, missing = "model.layers.1.mlp.up_proj.weight", "model.layers.2.self_attn.q_proj.weight"
+    tensors[changed] = tensors[changed] + 1
+    del tensors[missing]
+    save_file(tensors, tmp_path / "model.safetensors")
+    base = BaseWeights(model, [tmp_path / "model.safetensors"])
+    assert set(base._copies) == {changed, missing} and base.from_checkpoint == len(base) - 2
+    assert torch.equal(base[changed], layer_state(model, [1])[changed])
+
+
+def test_base_weights_of_conv1d_are_in_the_pruners_orientation(tmp_path: Path) -> None:
+    model = tiny_gpt2()
+    model.save_pretrained(tmp_path)
+    base = BaseWeights(model, checkpoint_files(str(tmp_path)))
+    key = "transformer.h.1.mlp.c_fc.weight"
+    assert base.from_checkpoint == len(base) and base[key].shape == (128, 32)
+    assert torch.equal(base[key], layer_state(model, [1])[key])
 
 
 def test_load_layer_state_rejects_unknown_keys(loaded) -> None:

@@ -16,10 +16,12 @@ from pruning.payload import (
     Expected,
     PayloadError,
     PayloadMeta,
+    SparseTensor,
     StoredPayload,
     decode_payload,
     encode_payload,
     layer_index,
+    write_payload,
 )
 from pruning.sparsity import keep_topk
 
@@ -146,6 +148,29 @@ def test_stored_payload_reads_back_one_tensor_at_a_time(tmp_path):
     for key, weight in weights.items():
         got, mask = stored.update(key)
         assert torch.equal(got, weight) and torch.equal(mask, weight != 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("phase", ["prune", "refine"])
+def test_a_streamed_payload_is_plain_safetensors_with_the_packed_tensors(tmp_path, dtype, phase):
+    """``write_payload`` lays the file out from the masks before packing any matrix: any
+    safetensors reader sees exactly the tensors of :class:`SparseTensor`, and the bytes are
+    those ``encode_payload`` returns."""
+    weights, masks, _ = layer_tensors([1, 2], dtype=dtype)  # TINY: 5 columns, a padded row
+    info = meta(layers=(1, 2), phase=phase)
+    path = tmp_path / "p.safetensors"
+    with path.open("wb") as fh:
+        size = write_payload(fh, weights, info, masks)
+    assert size == path.stat().st_size and path.read_bytes() == encode_payload(weights, info, masks)
+    tensors = safetensors.torch.load_file(path)
+    for key, weight in weights.items():
+        packed = SparseTensor.pack(weight, masks[key])
+        assert tensors[f"{key}.shape"].tolist() == list(weight.shape)
+        assert torch.equal(tensors[f"{key}.values"], packed.values)
+        assert (f"{key}.bitmask" in tensors) == (phase == "prune")
+        if phase == "prune":
+            assert torch.equal(tensors[f"{key}.bitmask"], packed.bitmask)
+    assert len(tensors) == len(weights) * (3 if phase == "prune" else 2)
 
 
 def test_a_refine_payload_carries_values_only_and_is_read_against_the_job_masks(tmp_path):
