@@ -25,7 +25,12 @@ Protocols (``--variants``; the first three are the baselines):
   every layer (``central+B-seqin-all``: on the centralized model's masks, a bound).
 * ``app-<method>``: the app itself, in process: ``pruning.server.FederatedRun`` planning,
   checking and merging real payloads of ``ClientWorker`` jobs on these clients' windows, with
-  the same budgets; upload and client seconds as the run reports them.
+  the same budgets; upload and client seconds as the run reports them. ``+key=value`` adds
+  run-config keys (``app-fedspallm+transport-dtype=float32``: fp32 values on the wire).
+* ``merge-<merge>``: the ``local`` models merged layer by layer with the app's merge
+  (``merge-fedavg``: the app's ``fedavg``; ``merge-mask-vote``: ``fedprllm``). When every
+  client prunes every layer on its own propagation its payloads are its local model, so this
+  is those methods without pruning again (values at fp32 here, bf16 in the app).
 
 Calibration: non-IID (4 clients: 2 shards of WikiText-2 valid, 2 of PTB valid, 32x512 each,
 budgets 24/16/12/8) or IID (8 clients, each 4 windows from shard k/8 of each corpus, budgets
@@ -39,6 +44,12 @@ the test files. Decisions are taken on DEV only. Intermediate models are cached 
     $PY benchmarks/bench_quality.py --sparsity 0.5 --variants oneshot
     $PY benchmarks/bench_quality.py --sparsity 0.5 --variants paper+B-seqin,paper+B-seqin-mean
     $PY benchmarks/bench_quality.py --sparsity 0.5 --variants local
+    $PY benchmarks/bench_quality.py --sparsity 0.7 --threads 2 --variants \
+        dense,central,local,app-fedspallm,app-fedspallm-paper,merge-fedavg,merge-mask-vote
+    $PY benchmarks/bench_quality.py --pattern 2:4 --threads 2 --variants ...   # the same list
+    $PY benchmarks/bench_quality.py --split iid --threads 2 --variants ...     # the same list
+    $PY benchmarks/bench_quality.py --threads 2 --variants \
+        app-fedspallm,app-fedspallm+transport-dtype=float32
     $PY benchmarks/bench_quality.py --sparsity 0.5 --eval test --variants \
         dense,central,paper,paper+B-mean,paper+B-seqin,paper+B-seqin-mean,local
 """
@@ -52,6 +63,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -454,18 +466,42 @@ class Lab:
             {"upload": up},
         )
 
-    def app(self, method: str) -> None:
-        """``app-<method>``: a whole federated run of the engine on these clients."""
-        name = f"app-{method}"
+    def merged_locals(self, merge: str) -> None:
+        """``merge-<merge>``: the local models merged layer by layer with the app's merge
+        (``pruning.aggregate.MERGES``). When every client prunes every layer on its own
+        propagation, its payloads are its local model, so this is the app's ``fedavg``
+        (``merge-fedavg``) and ``fedprllm`` (``merge-mask-vote``) without re-pruning."""
+        name = f"merge-{merge}"
         if self.saved(name).exists():
             return
+        self.local()
+        states = [self.load(f"local-{c}")[0] for c in self.clients]
+        target, out = self.setting.target(), {}
+        for i in range(self.n):
+            for key in self.keys(i):
+                sources = [(lambda st=st, k=key: (st[k], st[k] != 0)) for st in states]
+                dense = partial(self.base.__getitem__, key)
+                out[key], _ = merge_tensor(merge, sources, target, dense)
+        n = sum(self.up_bytes(i, True, True) for i in range(self.n)) * len(self.clients)
+        self.store(name, out, {"upload": n})
+
+    def app(self, spec: str) -> None:
+        """``app-<method>[+key=value...]``: a whole federated run of the engine on these
+        clients, with run-config overrides (e.g. ``app-fedspallm+transport-dtype=float32``)."""
+        name = f"app-{spec}"
+        if self.saved(name).exists():
+            return
+        method, *overrides = spec.split("+")
         s = self.setting
-        cfg = RunConfig(
-            method=method,
-            sparsity=s.sparsity,
-            pattern=s.pattern or "",
-            nsamples=len(self.calib[0]),
-            seed=SEED,
+        cfg = RunConfig.parse(
+            {
+                "method": method,
+                "sparsity": s.sparsity,
+                "pattern": s.pattern or "",
+                "nsamples": len(self.calib[0]),
+                "seed": SEED,
+                **dict(o.split("=", 1) for o in overrides),
+            }
         )
         worker = ClientWorker("smollm2-135m")
         run = FederatedRun(cfg, GlobalModel("smollm2-135m"), self.dir / f"{name}.run")
@@ -606,6 +642,8 @@ def main() -> None:
                 lab.local()
             elif name in ONESHOT:
                 lab.oneshot()
+            elif name.startswith("merge-"):
+                lab.merged_locals(name.removeprefix("merge-"))
             elif name.startswith("app-"):
                 lab.app(name.removeprefix("app-"))
             elif "+B-seqin" in name:
