@@ -448,7 +448,9 @@ _FUZZ_WEIGHTS, _FUZZ_MASKS, _FUZZ_MODEL = layer_tensors([1])
 _FUZZ_BLOB = encode_payload(_FUZZ_WEIGHTS, meta(), _FUZZ_MASKS)
 
 
-@settings(max_examples=int(__import__("os").environ.get("FUZZ_EXAMPLES", "300")), deadline=2000)
+# the deadline bounds one case (typically 0-88 ms, docs/benchmarks.md) with room for a loaded
+# machine: at 2 s a busy CI host failed it once on time alone
+@settings(max_examples=int(__import__("os").environ.get("FUZZ_EXAMPLES", "300")), deadline=10_000)
 @given(_mutations(_FUZZ_BLOB))
 def test_fuzzed_payloads_raise_only_payload_errors(blob):
     """Nothing but PayloadError escapes the decoder, in memory or from the server's store, in
