@@ -22,13 +22,16 @@ Protocols (``--variants``; the first three are the baselines):
 * ``<src>+B-seqin`` (``paper+B-seqin``: the app's ``fedspallm-sampled``): round B where each
   holder's inputs flow through the round-A merged model below the layer; ``-mean`` takes the
   plain mean (the app's merge), without it the energy mean; ``-all``: every client re-solves
-  every layer (``central+B-seqin-all``: on the centralized model's masks, a bound).
+  every layer (``central+B-seqin-all``: on the centralized model's masks, a bound). The source
+  may be any stored row: ``merge-l0+B-seqin-all-mean`` refines the masks of the four local
+  models' l0 merge, ``local-1+B-seqin-all-mean`` those of client 1 alone.
 * ``app-<method>``: the app itself, in process: ``pruning.server.FederatedRun`` planning,
   checking and merging real payloads of ``ClientWorker`` jobs on these clients' windows, with
   the same budgets; upload and client seconds as the run reports them. ``+key=value`` adds
   run-config keys (``app-fedspallm+transport-dtype=float32``: fp32 values on the wire).
 * ``merge-<merge>``: the ``local`` models merged layer by layer with the app's merge
-  (``merge-fedavg``: the app's ``fedavg``; ``merge-mask-vote``: ``fedprllm``). When every
+  (``merge-fedavg``: the app's ``fedavg``; ``merge-mask-vote``: ``fedprllm``; ``merge-l0``:
+  the paper's merge with every client on every layer). When every
   client prunes every layer on its own propagation its payloads are its local model, so this
   is those methods without pruning again (values at fp32 here, bf16 in the app).
 
@@ -596,8 +599,8 @@ def render(rows: list[dict]) -> str:
                 f"## {setting}, {ev}",
                 "",
                 "| variant | wiki ppl | ptb ppl | union ppl | x central | upload MiB "
-                "| x paper upload | client s |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|",
+                "| x paper upload | download MiB | client s |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
             ]
             for r in sorted(sel, key=lambda r: r["ppl"]["union"]):
                 p = r["ppl"]
@@ -606,7 +609,7 @@ def render(rows: list[dict]) -> str:
                 lines.append(
                     f"| {r['variant']} | {p['wiki']:.2f} | {p['ptb']:.2f} | {p['union']:.2f} "
                     f"| {ratio} | {up / 2**20:.1f} | {up / paper_up:.2f} "
-                    f"| {r.get('seconds', 0):.0f} |"
+                    f"| {r.get('download', 0) / 2**20:.1f} | {r.get('seconds', 0):.0f} |"
                 )
             lines.append("")
     return "\n".join(lines)
@@ -636,7 +639,9 @@ def main() -> None:
         groups = {"local": [f"local-{c}" for c in lab.clients], "oneshot": ONESHOT}
         for name in groups.get(variant, [variant]):
             log(f"{setting.tag} {name}")
-            if name == "central":
+            if "+B-seqin" in name:  # first: its source may be any of the others
+                lab.refine_seq(name.removesuffix("-mean"))
+            elif name == "central":
                 lab.central()
             elif name.startswith("local-"):
                 lab.local()
@@ -646,8 +651,6 @@ def main() -> None:
                 lab.merged_locals(name.removeprefix("merge-"))
             elif name.startswith("app-"):
                 lab.app(name.removeprefix("app-"))
-            elif "+B-seqin" in name:
-                lab.refine_seq(name.removesuffix("-mean"))
             elif name != "dense":
                 raise SystemExit(f"unknown variant {name}")
             state, meta = lab.load(name) if name != "dense" else ({}, {"upload": 0})
@@ -658,6 +661,7 @@ def main() -> None:
                 "eval": args.eval,
                 "ppl": ppl,
                 "upload": meta.get("upload", 0),
+                "download": meta.get("download", 0),
                 "seconds": meta.get("seconds", 0),
                 "paper_upload": lab.paper_bytes(),
             }
