@@ -436,7 +436,9 @@ class Lab:
         if self.saved(name).exists():
             return
         src = name.split("+")[0]
-        state_a, meta_a = self.load(src)
+        if (source := self.load(src)) is None:
+            raise SystemExit(f"{name}: run {src} first (list it before {name} in --variants)")
+        state_a, meta_a = source
         every = name.endswith("-all")  # every client re-solves every layer
         streams = self.streams(self.calib)
         out: State = {}
