@@ -9,8 +9,10 @@ fixed mask in round B): the Hessian never leaves the client.
 
 Protocols (``--variants``; the first three are the baselines):
 
-* ``central``: one SparseGPT over all clients' windows, every layer (the app's ``prune_layers``).
-* ``local``: each client prunes every layer on its own windows (one model per client).
+* ``central``: one SparseGPT over all clients' windows, every layer (the app's ``prune_layers``);
+  ``central+refit=20``: the same with 20 conjugate-gradient refit steps per weight.
+* ``local``: each client prunes every layer on its own windows (one model per client);
+  ``local+refit=20`` with refit steps, as ``central``.
 * ``oneshot``: one pass where every client propagates through its own pruned layers and the
   dense others (the app's ``scope=assigned``). It yields ``paper`` (l0 mean + count-then-|W|
   expansion, the app's ``merge_tensor``), ``act`` (count-then-|W|^2*sum_k E_k expansion),
@@ -338,18 +340,20 @@ class Lab:
 
     # ------------------------------------------------------------------ protocols
 
-    def central(self) -> None:
-        if self.saved("central").exists():
+    def central(self, name: str) -> None:
+        """``central[+refit=N]``."""
+        if self.saved(name).exists():
             return
         self.restore()
         t0 = time.perf_counter()
+        cfg = self.cfg(name.removeprefix("central"))
         rep = prune_layers(
-            self.model, torch.cat(self.calib), range(self.n), self.cfg(), CPU, progress=False
+            self.model, torch.cat(self.calib), range(self.n), cfg, CPU, progress=False
         )
         state = {k: v.clone() for k, v in layer_state(self.model, range(self.n)).items()}
         n = sum(self.up_bytes(i, True, True) for i in range(self.n))
         self.store(
-            "central",
+            name,
             state,
             {
                 "upload": n,
@@ -358,19 +362,25 @@ class Lab:
             },
         )
 
-    def local(self) -> None:
+    def local(self, refit: str = "") -> None:
+        """``local[+refit=N]``: each client alone, every layer (``local-<c>[+refit=N]``)."""
         for c in self.clients:
-            if self.saved(f"local-{c}").exists():
+            name = f"local-{c}{refit}"
+            if self.saved(name).exists():
                 continue
             self.restore()
             t0 = time.perf_counter()
-            prune_layers(self.model, self.calib[c], range(self.n), self.cfg(), CPU, progress=False)
+            prune_layers(
+                self.model, self.calib[c], range(self.n), self.cfg(refit), CPU, progress=False
+            )
             state = {k: v.clone() for k, v in layer_state(self.model, range(self.n)).items()}
             n = sum(self.up_bytes(i, True, True) for i in range(self.n))
-            self.store(f"local-{c}", state, {"upload": n, "seconds": time.perf_counter() - t0})
+            self.store(name, state, {"upload": n, "seconds": time.perf_counter() - t0})
 
-    def cfg(self) -> PruneConfig:
-        return PruneConfig("sparsegpt", self.setting.sparsity, self.setting.pattern)
+    def cfg(self, refit: str = "") -> PruneConfig:
+        """SparseGPT at the setting's target; ``refit="+refit=N"`` adds N refit steps."""
+        steps = int(refit.partition("+refit=")[2] or 0)
+        return PruneConfig("sparsegpt", self.setting.sparsity, self.setting.pattern, refit=steps)
 
     @torch.no_grad()
     def oneshot(self) -> None:
@@ -638,15 +648,17 @@ def main() -> None:
     setting = Setting(args.split, sparsity, str(pattern) if pattern else None)
     lab = Lab(setting, args.cache, args.dev_windows, args.test_windows, args.layers)
     for variant in args.variants.split(","):
-        groups = {"local": [f"local-{c}" for c in lab.clients], "oneshot": ONESHOT}
-        for name in groups.get(variant, [variant]):
+        base, sep, steps = variant.partition("+refit=")
+        refit = sep + steps  # "" or "+refit=N", for central and local
+        groups = {"local": [f"local-{c}{refit}" for c in lab.clients], "oneshot": ONESHOT}
+        for name in groups.get(base, [variant]):
             log(f"{setting.tag} {name}")
             if "+B-seqin" in name:  # first: its source may be any of the others
                 lab.refine_seq(name.removesuffix("-mean"))
-            elif name == "central":
-                lab.central()
+            elif name.startswith("central"):
+                lab.central(name)
             elif name.startswith("local-"):
-                lab.local()
+                lab.local(refit)
             elif name in ONESHOT:
                 lab.oneshot()
             elif name.startswith("merge-"):

@@ -36,6 +36,12 @@ def _add_eval(p: argparse.ArgumentParser, flag: str) -> None:
     p.add_argument("--max-windows", type=int, default=None, help="score only the first windows")
 
 
+def _steps(value: str) -> int:
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r} is not a count of steps (0: off)")
+    return int(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedspallm", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -56,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--seed", type=int, default=0)
     prune.add_argument("--layers", default=None, help="comma-separated layer indices (all)")
     prune.add_argument("--true-sequential", action="store_true")
+    prune.add_argument(
+        "--refit", type=_steps, default=0, metavar="N", help="sparsegpt: CG refit steps (0: off)"
+    )
     prune.add_argument(
         "--keep-dense",
         default="",
@@ -98,7 +107,9 @@ def _cmd_prune(args) -> dict:
     sparsity = args.sparsity
     if sparsity is None:
         sparsity = pattern.sparsity if pattern else 0.5
-    cfg = PruneConfig(args.method, sparsity, args.pattern, true_sequential=args.true_sequential)
+    cfg = PruneConfig(
+        args.method, sparsity, args.pattern, refit=args.refit, true_sequential=args.true_sequential
+    )
     cfg.target()  # validate before the slow parts
     if args.out.exists() and any(args.out.iterdir()):
         raise FileExistsError(f"{args.out} exists and is not empty")

@@ -51,6 +51,9 @@ class PruneSpec:
     # layer's inputs (the client's own refined layers feed the ones above); 1 = one pass
     # through the merged model gives both (faster; statistics of the merged layers)
     refine_passes: int = 2
+    # sparsegpt: conjugate-gradient steps re-solving the kept weights on the final mask, in
+    # both phases (0: the one-shot sweep alone, as the paper's SparseGPT)
+    refit: int = 0
 
     def target(self) -> Target:
         return Target.of(self.sparsity, self.pattern)
@@ -146,6 +149,8 @@ class RunConfig(PruneSpec):
             raise ConfigError(f"refine-passes {self.refine_passes} is not 1 or 2")
         if self.screen_mad <= 0 or self.screen_max_deviation <= 0:
             raise ConfigError("screen-mad and screen-max-deviation must be positive")
+        if self.refit < 0:
+            raise ConfigError(f"refit {self.refit} is negative (0: no refit)")
         if self.threads < 0:
             raise ConfigError(f"threads {self.threads} is negative (0: the process's own count)")
         return self

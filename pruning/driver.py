@@ -44,6 +44,7 @@ class PruneConfig:
     pattern: str | None = None  # "2:4" etc.; None for unstructured
     blocksize: int = 128
     percdamp: float = 0.01
+    refit: int = 0  # SparseGPT: conjugate-gradient steps re-solving the kept weights
     true_sequential: bool = False
     batch_size: int = 8  # calibration windows per forward call
 
@@ -255,7 +256,9 @@ def _prune_group(layer, weights, inps, kwargs, cfg, target_of, device, collect, 
     """
     units = {
         (w.name, e): _Unit(
-            w, e, make_pruner(cfg.method, w.shape[-1], device, cfg.blocksize, cfg.percdamp)
+            w,
+            e,
+            make_pruner(cfg.method, w.shape[-1], device, cfg.blocksize, cfg.percdamp, cfg.refit),
         )
         for w in weights
         for e in (range(w.experts) if w.experts else [None])

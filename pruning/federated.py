@@ -81,7 +81,11 @@ class Job(PruneSpec):
 
     def prune_config(self) -> PruneConfig:
         return PruneConfig(
-            self.pruner, self.sparsity, self.pattern or None, true_sequential=self.true_sequential
+            self.pruner,
+            self.sparsity,
+            self.pattern or None,
+            refit=self.refit,
+            true_sequential=self.true_sequential,
         )
 
 

@@ -175,6 +175,41 @@ def test_sparsegpt_matches_explicit_obs_reference(
     torch.testing.assert_close(result.weight.double(), expected_w, rtol=1e-3, atol=1e-4)
 
 
+def least_squares_on_mask(w: torch.Tensor, h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Brute force in float64: per row, the kept values of least ``(v − w) H (v − w)ᵀ``
+    (``H`` damped as the pruner damps it), from ``H[k, k] v_k = H[k, :] w``."""
+    h = h.double() + 0.01 * torch.diag(h.double()).mean() * torch.eye(h.shape[0]).double()
+    out = torch.zeros_like(w, dtype=torch.float64)
+    for r, k in enumerate(keep):
+        out[r, k] = torch.linalg.solve(h[k][:, k], h[k] @ w[r].double())
+    return out
+
+
+@pytest.mark.parametrize(
+    "target",
+    [Target(0.7), Target(0.5, Pattern(2, 4)), Target.fixed(weight(8, 40, seed=5) > 0)],
+    ids=["70%", "2:4", "fixed-mask"],
+)
+def test_sparsegpt_refit_reaches_the_least_squares_values_of_its_mask(target: Target) -> None:
+    """``refit`` keeps the sweep's mask (so exact counts and N:M stay) and moves the kept
+    values to the exact minimiser of the layer's output error for that mask, below the
+    sweep's own error; the same inputs give the same bits."""
+    w, x = weight(8, 40), inputs(cols=40)
+    sweep = fitted("sparsegpt", x, blocksize=16).prune(w, target)
+    refits = []
+    for _ in range(2):
+        pruner = fitted("sparsegpt", x, blocksize=16)
+        pruner.refit = 60
+        refits.append(pruner.prune(w, target))
+    refit = refits[0]
+    assert torch.equal(refit.mask, sweep.mask)
+    assert torch.equal(refit.weight, refits[1].weight)
+    assert bool((refit.weight[~refit.mask] == 0).all())
+    expected = least_squares_on_mask(w, pruner.H, refit.mask)
+    torch.testing.assert_close(refit.weight.double(), expected, rtol=1e-3, atol=1e-4)
+    assert output_error(w, refit.weight, x) < 0.97 * output_error(w, sweep.weight, x)
+
+
 def test_sparsegpt_flushes_denormals_only_while_it_solves() -> None:
     """The solve runs with denormals flushed (the reference tests above cover its results);
     afterwards the process is back to IEEE arithmetic, also when the solve raised."""

@@ -21,6 +21,7 @@ from pruning.checkpoint import STOP_AFTER_ROUND, Checkpoint, ResumeError, Stoppe
 from pruning.config import ConfigError, RunConfig
 from pruning.federated import ClientData, ClientWorker, GlobalModel, Job
 from pruning.parts import PartStore
+from pruning.payload import decode_payload
 from pruning.server import FederatedRun, RunState
 from server_app import protocol
 from server_app.strategy import FedSpaLLMStrategy
@@ -437,6 +438,24 @@ def test_one_pass_refine_keeps_the_masks_and_solves_on_the_merged_models_statist
     assert any(not torch.equal(outputs[1][k], outputs[2][k]) for k in outputs[1])
 
 
+def test_refit_travels_with_the_job_and_keeps_the_sweeps_masks(setup: dict) -> None:
+    """``refit`` reaches the client in the job's config; the lowest layer, whose inputs are the
+    same either way, keeps the plain sweep's masks and gets other kept values."""
+    w, d = setup["worker"], setup["data"]
+    payloads = {}
+    for refit in (0, 20):
+        cfg = RunConfig(model=setup["model"], nsamples=4, seqlen=32, refit=refit)
+        job = Job.from_config(Job.plan(cfg, 1, [0, 1]).to_config())
+        assert job.prune_config().refit == refit
+        payloads[refit] = decode_payload(w.run(job, d)[0])
+    plain, refit = payloads[0], payloads[20]
+    lowest = [k for k in plain.keys if ".0." in k]
+    assert lowest and sorted(plain.keys) == sorted(refit.keys)
+    for key in lowest:
+        assert torch.equal(plain.masks[key], refit.masks[key]), key
+        assert not torch.equal(plain.weights[key], refit.weights[key]), key
+
+
 def _fails_to_refine(node: Callable) -> Callable:
     def reply(msg: Message) -> Message | None:
         if (
@@ -587,6 +606,8 @@ def test_run_config_is_checked_once_with_named_keys() -> None:
         RunConfig.parse({"screen-mad": 0.0})
     with pytest.raises(ConfigError, match="contradicts"):
         RunConfig.parse({"sparsity": 0.7, "pattern": "2:4"})
+    with pytest.raises(ConfigError, match="refit -1 is negative"):
+        RunConfig.parse({"refit": -1})
     cfg = RunConfig.parse({"calib-sources": "a.txt, b.txt", "sim-max-layers": "3,2"})
     assert cfg.calib_sources == ("a.txt", "b.txt") and cfg.sim_budget(3) == 2
 
