@@ -346,7 +346,7 @@ class Lab:
             return
         self.restore()
         t0 = time.perf_counter()
-        cfg = self.cfg(name.removeprefix("central"))
+        cfg = self.cfg(refit_steps(name))
         rep = prune_layers(
             self.model, torch.cat(self.calib), range(self.n), cfg, CPU, progress=False
         )
@@ -370,17 +370,15 @@ class Lab:
                 continue
             self.restore()
             t0 = time.perf_counter()
-            prune_layers(
-                self.model, self.calib[c], range(self.n), self.cfg(refit), CPU, progress=False
-            )
+            cfg = self.cfg(refit_steps(refit))
+            prune_layers(self.model, self.calib[c], range(self.n), cfg, CPU, progress=False)
             state = {k: v.clone() for k, v in layer_state(self.model, range(self.n)).items()}
             n = sum(self.up_bytes(i, True, True) for i in range(self.n))
             self.store(name, state, {"upload": n, "seconds": time.perf_counter() - t0})
 
-    def cfg(self, refit: str = "") -> PruneConfig:
-        """SparseGPT at the setting's target; ``refit="+refit=N"`` adds N refit steps."""
-        steps = int(refit.partition("+refit=")[2] or 0)
-        return PruneConfig("sparsegpt", self.setting.sparsity, self.setting.pattern, refit=steps)
+    def cfg(self, refit: int = 0) -> PruneConfig:
+        """SparseGPT at the setting's target, with ``refit`` refit steps."""
+        return PruneConfig("sparsegpt", self.setting.sparsity, self.setting.pattern, refit=refit)
 
     @torch.no_grad()
     def oneshot(self) -> None:
@@ -574,6 +572,11 @@ class Calib:
         return self.windows
 
 
+def refit_steps(name: str) -> int:
+    """N of a row named ``...+refit=N`` (0 without the suffix)."""
+    return int(name.partition("+refit=")[2] or 0)
+
+
 def log(msg: str) -> None:
     print(time.strftime("%H:%M:%S"), msg, flush=True)
 
@@ -649,7 +652,7 @@ def main() -> None:
     lab = Lab(setting, args.cache, args.dev_windows, args.test_windows, args.layers)
     for variant in args.variants.split(","):
         base, sep, steps = variant.partition("+refit=")
-        refit = sep + steps  # "" or "+refit=N", for central and local
+        refit = sep + steps  # the name suffix of central and local rows: "" or "+refit=N"
         groups = {"local": [f"local-{c}{refit}" for c in lab.clients], "oneshot": ONESHOT}
         for name in groups.get(base, [variant]):
             log(f"{setting.tag} {name}")

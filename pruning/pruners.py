@@ -182,7 +182,7 @@ class SparseGPTPruner(Pruner):
             W[:, i2:] -= Err1.t() @ Hinv[i1:i2, i2:]
         if self.refit:
             W0 = weight.detach().to(self.device, torch.float32)
-            W = self._refit(W, W0.masked_fill(dead, 0), keep.to(W.device))
+            W = self._refit(W, W0.masked_fill(dead, 0), keep)
         if not torch.isfinite(W).all():
             warnings.warn(
                 "SparseGPT: non-finite update; keeping the mask without compensation", stacklevel=2
