@@ -9,10 +9,11 @@ fixed mask in round B): the Hessian never leaves the client.
 
 Protocols (``--variants``; the first three are the baselines):
 
-* ``central``: one SparseGPT over all clients' windows, every layer (the app's ``prune_layers``);
-  ``central+refit=20``: the same with 20 conjugate-gradient refit steps per weight.
+* ``central``: one plain SparseGPT over all clients' windows, every layer (the app's
+  ``prune_layers``); ``central+refit=10``: the same with 10 conjugate-gradient refit steps per
+  weight (the app's default ``refit``: the same-solver centralized baseline).
 * ``local``: each client prunes every layer on its own windows (one model per client);
-  ``local+refit=20`` with refit steps, as ``central``.
+  ``local+refit=10`` with refit steps, as ``central``.
 * ``oneshot``: one pass where every client propagates through its own pruned layers and the
   dense others (the app's ``scope=assigned``). It yields ``paper`` (l0 mean + count-then-|W|
   expansion, the app's ``merge_tensor``), ``act`` (count-then-|W|^2*sum_k E_k expansion),
@@ -29,8 +30,9 @@ Protocols (``--variants``; the first three are the baselines):
   models' l0 merge, ``local-1+B-seqin-all-mean`` those of client 1 alone.
 * ``app-<method>``: the app itself, in process: ``pruning.server.FederatedRun`` planning,
   checking and merging real payloads of ``ClientWorker`` jobs on these clients' windows, with
-  the same budgets; upload and client seconds as the run reports them. ``+key=value`` adds
-  run-config keys (``app-fedspallm+transport-dtype=float32``: fp32 values on the wire).
+  the same budgets and the run config's defaults (so ``refit=10``); upload and client seconds as
+  the run reports them. ``+key=value`` adds run-config keys (``app-fedspallm+refit=0``: plain
+  SparseGPT; ``app-fedspallm-paper+refit=0``: the paper exactly).
 * ``merge-<merge>``: the ``local`` models merged layer by layer with the app's merge
   (``merge-fedavg``: the app's ``fedavg``; ``merge-mask-vote``: ``fedprllm``; ``merge-l0``:
   the paper's merge with every client on every layer). When every
@@ -50,7 +52,7 @@ the test files. Decisions are taken on DEV only. Intermediate models are cached 
     $PY benchmarks/bench_quality.py --sparsity 0.5 --variants paper+B-seqin,paper+B-seqin-mean
     $PY benchmarks/bench_quality.py --sparsity 0.5 --variants local
     $PY benchmarks/bench_quality.py --sparsity 0.7 --threads 2 --variants \
-        dense,central,local,app-fedspallm,app-fedspallm-paper,merge-fedavg,merge-mask-vote
+        dense,central,central+refit=10,local+refit=10,app-fedspallm,app-fedspallm-paper+refit=0
     $PY benchmarks/bench_quality.py --pattern 2:4 --threads 2 --variants ...   # the same list
     $PY benchmarks/bench_quality.py --split iid --threads 2 --variants ...     # the same list
     $PY benchmarks/bench_quality.py --threads 2 --variants \

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from .config import PruneSpec
 from .data import DataError
 from .driver import MIN_EXPERT_TOKENS
 from .models import DEFAULT_DTYPE, DEFAULT_MODEL, DTYPES, EMBEDDED, ModelError
@@ -63,7 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--layers", default=None, help="comma-separated layer indices (all)")
     prune.add_argument("--true-sequential", action="store_true")
     prune.add_argument(
-        "--refit", type=_steps, default=0, metavar="N", help="sparsegpt: CG refit steps (0: off)"
+        "--refit",
+        type=_steps,
+        default=PruneSpec.refit,
+        metavar="N",
+        help=f"sparsegpt: CG refit steps (default {PruneSpec.refit}; 0: plain SparseGPT)",
     )
     prune.add_argument(
         "--keep-dense",

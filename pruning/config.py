@@ -52,8 +52,9 @@ class PruneSpec:
     # through the merged model gives both (faster; statistics of the merged layers)
     refine_passes: int = 2
     # sparsegpt: conjugate-gradient steps re-solving the kept weights on the final mask, in
-    # both phases (0: the one-shot sweep alone, as the paper's SparseGPT)
-    refit: int = 0
+    # both phases (0: the one-shot sweep alone, as the paper's SparseGPT; 10 steps give ~97 %
+    # of the converged gain in layer output error for ~15 % more client compute)
+    refit: int = 10
 
     def target(self) -> Target:
         return Target.of(self.sparsity, self.pattern)

@@ -95,6 +95,20 @@ def test_keep_topk_matches_reference(rows: int, cols: int, sparsity: float, seed
     assert keep.flatten().tolist() == expected
 
 
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.97])
+def test_keep_topk_is_a_stable_sort_on_large_scores_with_nan_and_inf(sparsity: float) -> None:
+    """The linear-time cut gives a stable sort's mask, NaN ranked as +inf."""
+    gen = torch.Generator().manual_seed(1)
+    scores = torch.randint(0, 50, (61, 130), generator=gen).float()
+    scores.view(-1)[torch.randperm(scores.numel(), generator=gen)[:300]] = torch.nan
+    scores.view(-1)[torch.randperm(scores.numel(), generator=gen)[:200]] = torch.inf
+    n = prune_count(scores.numel(), sparsity)
+    flat = scores.flatten().nan_to_num(nan=torch.inf, posinf=torch.inf)
+    expected = torch.ones(scores.numel(), dtype=torch.bool)
+    expected[torch.sort(flat, stable=True).indices[:n]] = False
+    assert torch.equal(keep_topk(scores, sparsity).flatten(), expected)
+
+
 @settings(max_examples=40, deadline=None)
 @given(rows=st.integers(1, 9), cols=st.integers(1, 9), sparsity=SPARSITIES)
 def test_prune_counts_per_row_exact_and_balanced(rows: int, cols: int, sparsity: float) -> None:
