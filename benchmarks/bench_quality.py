@@ -33,9 +33,9 @@ Protocols (``--variants``; the first three are the baselines):
   the same budgets and the run config's defaults (so ``refit=10``); upload and client seconds as
   the run reports them. ``+key=value`` adds run-config keys (``app-fedspallm+refit=0``: plain
   SparseGPT; ``app-fedspallm-paper+refit=0``: the paper exactly).
-* ``merge-<merge>``: the ``local`` models merged layer by layer with the app's merge
-  (``merge-fedavg``: the app's ``fedavg``; ``merge-mask-vote``: ``fedprllm``; ``merge-l0``:
-  the paper's merge with every client on every layer). When every
+* ``merge-<merge>[+refit=N]``: the ``local[+refit=N]`` models merged layer by layer with the
+  app's merge (``merge-fedavg``: the app's ``fedavg``; ``merge-mask-vote``: ``fedprllm``;
+  ``merge-l0``: the paper's merge with every client on every layer). When every
   client prunes every layer on its own propagation its payloads are its local model, so this
   is those methods without pruning again (values at fp32 here, bf16 in the app).
 
@@ -481,16 +481,18 @@ class Lab:
             {"upload": up},
         )
 
-    def merged_locals(self, merge: str) -> None:
-        """``merge-<merge>``: the local models merged layer by layer with the app's merge
-        (``pruning.aggregate.MERGES``). When every client prunes every layer on its own
-        propagation, its payloads are its local model, so this is the app's ``fedavg``
-        (``merge-fedavg``) and ``fedprllm`` (``merge-mask-vote``) without re-pruning."""
-        name = f"merge-{merge}"
+    def merged_locals(self, spec: str) -> None:
+        """``merge-<merge>[+refit=N]``: the local models (``local-<c>[+refit=N]``) merged layer
+        by layer with the app's merge (``pruning.aggregate.MERGES``). When every client prunes
+        every layer on its own propagation, its payloads are its local model, so this is the
+        app's ``fedavg`` (``merge-fedavg``) and ``fedprllm`` (``merge-mask-vote``) without
+        re-pruning."""
+        name = f"merge-{spec}"
         if self.saved(name).exists():
             return
-        self.local()
-        states = [self.load(f"local-{c}")[0] for c in self.clients]
+        merge, sep, steps = spec.partition("+refit=")
+        self.local(sep + steps)
+        states = [self.load(f"local-{c}{sep}{steps}")[0] for c in self.clients]
         target, out = self.setting.target(), {}
         for i in range(self.n):
             for key in self.keys(i):
