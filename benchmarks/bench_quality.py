@@ -490,9 +490,9 @@ class Lab:
         name = f"merge-{spec}"
         if self.saved(name).exists():
             return
-        merge, sep, steps = spec.partition("+refit=")
-        self.local(sep + steps)
-        states = [self.load(f"local-{c}{sep}{steps}")[0] for c in self.clients]
+        merge, refit = split_refit(spec)
+        self.local(refit)
+        states = [self.load(f"local-{c}{refit}")[0] for c in self.clients]
         target, out = self.setting.target(), {}
         for i in range(self.n):
             for key in self.keys(i):
@@ -576,9 +576,15 @@ class Calib:
         return self.windows
 
 
+def split_refit(name: str) -> tuple[str, str]:
+    """``name`` as its base and its ``+refit=N`` suffix (``""`` without one)."""
+    base, sep, steps = name.partition("+refit=")
+    return base, sep + steps
+
+
 def refit_steps(name: str) -> int:
     """N of a row named ``...+refit=N`` (0 without the suffix)."""
-    return int(name.partition("+refit=")[2] or 0)
+    return int(split_refit(name)[1].removeprefix("+refit=") or 0)
 
 
 def log(msg: str) -> None:
@@ -655,8 +661,7 @@ def main() -> None:
     setting = Setting(args.split, sparsity, str(pattern) if pattern else None)
     lab = Lab(setting, args.cache, args.dev_windows, args.test_windows, args.layers)
     for variant in args.variants.split(","):
-        base, sep, steps = variant.partition("+refit=")
-        refit = sep + steps  # the name suffix of central and local rows: "" or "+refit=N"
+        base, refit = split_refit(variant)  # refit: the suffix of central and local rows
         groups = {"local": [f"local-{c}{refit}" for c in lab.clients], "oneshot": ONESHOT}
         for name in groups.get(base, [variant]):
             log(f"{setting.tag} {name}")
