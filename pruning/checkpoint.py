@@ -20,7 +20,9 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from .config import ConfigError, RunConfig
 
@@ -61,10 +63,12 @@ class Stopped(RuntimeError):
     """The run stopped after the round named by ``$FEDSPALLM_STOP_AFTER_ROUND``."""
 
 
-def _write(path: Path, data: bytes) -> None:
+def _write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """``write(file)`` to ``path`` atomically: a reader finds the old file or the whole new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
+    with tmp.open("wb") as fh:
+        write(fh)
     os.replace(tmp, path)
 
 
@@ -77,13 +81,15 @@ class Checkpoint:
     def layer_path(self, layer: int, rnd: int) -> Path:
         return self.out / LAYERS / f"layer-{layer}.round-{rnd}.safetensors"
 
-    def write_layer(self, layer: int, rnd: int, blob: bytes) -> None:
-        _write(self.layer_path(layer, rnd), blob)
+    def write_layer(self, layer: int, rnd: int, write: Callable[[BinaryIO], object]) -> None:
+        """Save a merged layer; ``write(file)`` writes its payload."""
+        _write(self.layer_path(layer, rnd), write)
 
     def write_state(self, cfg: RunConfig, state: dict, last: dict[int, int]) -> None:
         """Save the state after a round; ``last`` (layer -> round of its last merge) names the
         layer versions it builds on, and every other version is deleted."""
-        _write(self.out / STATE, json.dumps({"config": cfg.values(), **state}, indent=1).encode())
+        data = json.dumps({"config": cfg.values(), **state}, indent=1).encode()
+        _write(self.out / STATE, lambda fh: fh.write(data))
         self.keep(last)
 
     def keep(self, last: dict[int, int]) -> None:

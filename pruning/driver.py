@@ -27,6 +27,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .models import LayoutError, Weight, default_device, get_adapter, linear_groups
+from .payload import LazyMap, PackedMask
 from .pruners import MagnitudePruner, Pruner, make_pruner
 from .sparsity import Target
 
@@ -61,7 +62,7 @@ class LayerReport:
     # saves the extra forward pass that would measure it
     rel_error: float | None
     sparsity: dict[str, float] = field(default_factory=dict)  # weight name -> pruned fraction
-    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # state-dict key -> keep mask
+    masks: dict[str, PackedMask] = field(default_factory=dict)  # state-dict key -> keep mask
     # state-dict key of an expert weight -> tokens routed to each of its experts
     expert_tokens: dict[str, list[int]] = field(default_factory=dict)
     # (state-dict key, expert, tokens) of each expert pruned by magnitude for want of tokens
@@ -74,8 +75,10 @@ class PruneReport:
     seconds: float = 0.0
     tokens: int = 0
 
-    def masks(self) -> dict[str, torch.Tensor]:
-        return {k: m for r in self.layers.values() for k, m in r.masks.items()}
+    def masks(self) -> LazyMap:
+        """Keep mask per state-dict key, unpacked when looked up."""
+        packed = {k: m for r in self.layers.values() for k, m in r.masks.items()}
+        return LazyMap(packed, lambda k: packed[k].unpack())
 
     def expert_tokens(self) -> dict[str, list[int]]:
         return {k: c for r in self.layers.values() for k, c in r.expert_tokens.items()}
@@ -403,7 +406,7 @@ def prune_layers(
                     seconds=time.perf_counter() - t0,
                     rel_error=rel_error,
                     sparsity={n: 1.0 - float(m.float().mean()) for n, m in masks.items()},
-                    masks={f"{prefix}{n}": m for n, m in masks.items()},
+                    masks={f"{prefix}{n}": PackedMask.pack(m) for n, m in masks.items()},
                     expert_tokens={f"{prefix}{n}": c for n, c in tokens.items()},
                     fallbacks=[(f"{prefix}{n}", e, c) for n, e, c in fallbacks],
                 )

@@ -20,6 +20,7 @@ from .config import SCOPES, PruneSpec, RunConfig
 from .data import get_calibration
 from .driver import PruneConfig, prune_layers
 from .evaluate import perplexity, sparsity_report
+from .memory import peak_rss_mib
 from .models import (
     DEFAULT_DTYPE,
     DTYPES,
@@ -34,6 +35,7 @@ from .models import (
 )
 from .payload import (
     Expected,
+    LazyMap,
     PayloadMeta,
     StoredPayload,
     decode_payload,
@@ -47,6 +49,9 @@ log = logging.getLogger(__name__)
 # what a job asks of a client: prune its layers to the target, or re-solve the kept values of
 # the masks the server merged (sent with the job) on its own data
 PHASES = ("prune", "refine")
+# the server's saved model: shards small enough to write and upload one at a time (the
+# Hub's long-standing default)
+SHARD_SIZE = "5GB"
 
 
 @dataclass
@@ -139,6 +144,13 @@ class ClientData:
         return torch.cat(windows)
 
 
+def cast(tensors: dict[str, torch.Tensor], dtype: str) -> LazyMap:
+    """``tensors`` in the transport ``dtype`` (``""``: as they are), each cast when looked up,
+    so writing many matrices holds one cast copy at a time."""
+    wire = DTYPES[dtype] if dtype else None
+    return LazyMap(tensors, lambda k: tensors[k].to(wire or tensors[k].dtype))
+
+
 def flat_shapes(layer_shapes: dict[int, dict[str, tuple[int, ...]]]) -> dict[str, tuple[int, ...]]:
     """``{state_dict key: shape}`` over all layers (what a payload may contain)."""
     return {k: s for layer in layer_shapes.values() for k, s in layer.items()}
@@ -224,8 +236,7 @@ class ClientWorker:
             solve_from,
         )
         masks = report.masks()
-        wire = DTYPES[job.transport_dtype] if job.transport_dtype else None
-        weights = {k: w.to(wire or w.dtype) for k, w in layer_state(self.model, job.layers).items()}
+        weights = cast(layer_state(self.model, job.layers), job.transport_dtype)
         meta = PayloadMeta(
             job.round,
             sorted(job.layers),
@@ -236,12 +247,11 @@ class ClientWorker:
             phase=job.phase,
             expert_tokens={k: c for k, c in report.expert_tokens().items() if k in weights},
         )
-        job_masks = {k: masks[k] for k in weights}
         if sink is None:
-            blob = encode_payload(weights, meta, job_masks)
+            blob = encode_payload(weights, meta, masks)
             size = len(blob)
         else:
-            blob, size = None, write_payload(sink, weights, meta, job_masks)
+            blob, size = None, write_payload(sink, weights, meta, masks)
         errors = [e for i in job.layers if (e := report.layers[i].rel_error) is not None]
         metrics = {
             "tokens": report.tokens,
@@ -251,6 +261,7 @@ class ClientWorker:
             "rel-error": sum(errors) / len(errors) if errors else 0.0,  # 0: not measured
             "layers": len(job.layers),
             "layers-pruned": len(layers),
+            "peak-rss-mib": peak_rss_mib(),
         }
         return blob, metrics
 
@@ -285,15 +296,28 @@ class GlobalModel:
         inputs = {s[:-2] + s[-1:] for s in self.layer_shapes[0].values()}
         return self.dense_bytes([0]) + sum(4 * math.prod(s) * s[-1] for s in inputs)
 
+    def sparse(
+        self, layers: list[int], round: int, sparsity: float, pattern: str, dtype: str = ""
+    ) -> tuple[LazyMap, PayloadMeta, LazyMap]:
+        """Aggregated layers as the arguments of a payload writer (weights in the transport
+        ``dtype``, default the model's, and their masks), each matrix built only when written:
+        writing the whole model holds one matrix's copy, not the model's."""
+        meta = PayloadMeta(round, sorted(layers), sparsity, pattern, role="global")
+        views = layer_state(self.model, layers)
+        return cast(views, dtype), meta, LazyMap(views, self.mask)
+
     def encode(
         self, layers: list[int], round: int, sparsity: float, pattern: str, dtype: str = ""
     ) -> bytes:
-        """Aggregated layers as a sparse payload (sent down to clients, in the transport
-        ``dtype``; the run's sparse copy, in the model's)."""
-        meta = PayloadMeta(round, sorted(layers), sparsity, pattern, role="global")
-        wire = DTYPES[dtype] if dtype else self.dtype
-        weights = {k: w.to(wire) for k, w in layer_state(self.model, layers).items()}
-        return encode_payload(weights, meta, {k: self.mask(k) for k in weights})
+        """Aggregated layers as payload bytes (a downlink to clients)."""
+        return encode_payload(*self.sparse(layers, round, sparsity, pattern, dtype))
+
+    def write_sparse(
+        self, out: BinaryIO, layers: list[int], round: int, sparsity: float, pattern: str
+    ) -> int:
+        """Aggregated layers as a payload file in the model's dtype (the layer checkpoint, the
+        run's sparse copy), written one matrix at a time; returns its size."""
+        return write_payload(out, *self.sparse(layers, round, sparsity, pattern))
 
     def mask(self, key: str) -> torch.Tensor:
         """Keep mask of a merged weight: the one its downlink carries and its refine payloads
@@ -327,13 +351,15 @@ class GlobalModel:
         return evaluate_sources(self.model, self.tokenizer, sources, seqlen, max_windows, root)
 
     def save(self, out: Path, layers: list[int], sparsity: float, pattern: str) -> dict:
-        """``save_pretrained`` directory plus a compressed sparse copy of the pruned layers."""
+        """``save_pretrained`` directory (safetensors in shards of at most ``SHARD_SIZE``) plus
+        a compressed sparse copy of the pruned layers, each written without a second copy of
+        the model in memory."""
         out.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(out / "model")
+        self.model.save_pretrained(out / "model", max_shard_size=SHARD_SIZE)
         self.tokenizer.save_pretrained(out / "model")
-        sparse = self.encode(layers, 0, sparsity, pattern)
-        (out / "model.sparse.safetensors").write_bytes(sparse)
-        return {"sparse_bytes": len(sparse), "sparsity": sparsity_report(self.model)}
+        with (out / "model.sparse.safetensors").open("wb") as fh:
+            size = self.write_sparse(fh, layers, 0, sparsity, pattern)
+        return {"sparse_bytes": size, "sparsity": sparsity_report(self.model)}
 
 
 def evaluate_sources(

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .memory import return_freed_memory
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -148,13 +150,16 @@ def load_model(
 
     The driver moves one decoder layer at a time to the accelerator, so a model larger than the
     accelerator's memory can still be pruned. The layout is checked here (:func:`check_layout`
-    with ``keep_dense``), so a model we would half-prune fails before any work is done.
+    with ``keep_dense``), so a model we would half-prune fails before any work is done. The
+    process that loads a model works on it matrix by matrix, so freed matrices are returned to
+    the system from now on (:func:`~pruning.memory.return_freed_memory`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
         raise ModelError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     source, kwargs = _resolve(spec)
+    return_freed_memory()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], **kwargs)

@@ -165,8 +165,7 @@ class SparseTensor:
         return cls(tuple(weight.shape), pack_bits(mask), torch.from_numpy(raw).view(weight.dtype))
 
     def mask(self) -> torch.Tensor:
-        bits = np.unpackbits(self.bitmask.numpy(), axis=-1, count=self.shape[-1], bitorder="little")
-        return torch.from_numpy(bits).view(torch.bool).reshape(self.shape)
+        return unpack_bits(self.bitmask, self.shape)
 
     def unpack(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense weight (zero where pruned) and its keep mask."""
@@ -190,22 +189,45 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     )
 
 
-class _LazyMap(Mapping[str, torch.Tensor]):
-    """Read-only view that decodes one tensor per lookup, so K clients' payloads stay sparse."""
+def unpack_bits(bits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The bool keep mask of ``shape`` that :func:`pack_bits` packed into ``bits``."""
+    keep = np.unpackbits(bits.numpy(), axis=-1, count=shape[-1], bitorder="little")
+    return torch.from_numpy(keep).view(torch.bool).reshape(shape)
 
-    def __init__(
-        self, parts: Mapping[str, SparseTensor], get: Callable[[SparseTensor], torch.Tensor]
-    ):
-        self._parts, self._get = parts, get
+
+@dataclass(frozen=True)
+class PackedMask:
+    """A keep mask at one bit per weight (the payload's bitmask layout): a client that prunes
+    many layers holds their masks in an eighth of the bool tensors' memory."""
+
+    shape: tuple[int, ...]
+    bits: torch.Tensor
+
+    @classmethod
+    def pack(cls, mask: torch.Tensor) -> PackedMask:
+        return cls(tuple(mask.shape), pack_bits(mask))
+
+    def unpack(self) -> torch.Tensor:
+        return unpack_bits(self.bits, self.shape)
+
+
+class LazyMap(Mapping[str, torch.Tensor]):
+    """Read-only mapping that builds one tensor per lookup (``get(key)``): K clients' payloads
+    stay sparse, and a writer of many matrices holds one at a time."""
+
+    def __init__(self, keys: Iterable[str], get: Callable[[str], torch.Tensor]):
+        self._keys, self._get = dict.fromkeys(keys), get  # ordered, O(1) membership
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        return self._get(self._parts[key])
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._get(key)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._parts)
+        return iter(self._keys)
 
     def __len__(self) -> int:
-        return len(self._parts)
+        return len(self._keys)
 
 
 @dataclass(frozen=True)
@@ -217,11 +239,11 @@ class Decoded:
 
     @property
     def weights(self) -> Mapping[str, torch.Tensor]:
-        return _LazyMap(self.sparse, lambda t: t.unpack()[0])
+        return LazyMap(self.sparse, lambda k: self.sparse[k].unpack()[0])
 
     @property
     def masks(self) -> Mapping[str, torch.Tensor]:
-        return _LazyMap(self.sparse, SparseTensor.mask)
+        return LazyMap(self.sparse, lambda k: self.sparse[k].mask())
 
     @property
     def keys(self) -> list[str]:
@@ -376,7 +398,8 @@ class StoredPayload:
         self.meta = _meta(_read_header(head, size), expected)
         self._masks = expected.masks if expected is not None else None
         with self._open() as f:
-            self.keys = [k for k, _ in _checked_groups(f.keys(), f.get_tensor, self.meta, expected)]
+            names = list(f.keys())
+        self.keys = [k for k, _ in _checked_groups(names, self._tensor, self.meta, expected)]
 
     def _open(self):
         try:
@@ -384,9 +407,14 @@ class StoredPayload:
         except Exception as err:  # the Rust parser's errors have no common Python base class
             raise PayloadError("not-safetensors", str(err)) from None
 
-    def sparse(self, key: str) -> SparseTensor:
+    def _tensor(self, name: str) -> torch.Tensor:
+        """One tensor, read through a mapping of its own: a mapping left open over the whole
+        file keeps every page read through it resident (the payload's size in the RSS)."""
         with self._open() as f:
-            parts = {p: f.get_tensor(f"{key}.{p}") for p in self.meta.parts}
+            return f.get_tensor(name)
+
+    def sparse(self, key: str) -> SparseTensor:
+        parts = {p: self._tensor(f"{key}.{p}") for p in self.meta.parts}
         shape = tuple(parts["shape"].tolist())
         bits = parts["bitmask"] if "bitmask" in parts else pack_bits(self._masks(key))
         return SparseTensor(shape, bits, parts["values"])

@@ -1,5 +1,6 @@
 """Sparse payload codec: lossless round trip, size, and one test per rejection reason."""
 
+import math
 import pickle
 import tempfile
 from pathlib import Path
@@ -14,6 +15,7 @@ from pruning.payload import (
     FORMAT_VERSION,
     Decoded,
     Expected,
+    PackedMask,
     PayloadError,
     PayloadMeta,
     SparseTensor,
@@ -465,3 +467,19 @@ def test_fuzzed_payloads_raise_only_payload_errors(blob):
                     decode(source, exp)
                 except PayloadError:
                     pass
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 13), min_size=1, max_size=3).map(tuple),
+    keep_p=st.floats(0.0, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_a_packed_mask_unpacks_to_the_same_mask(shape, keep_p, seed):
+    """Masks a job keeps for its payload are held at one bit per weight (any shape, columns
+    not a multiple of 8, fused experts' 3-d tensors, transposed views)."""
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(seed)) < keep_p
+    for m in (mask, mask.mT) if mask.dim() > 1 else (mask,):
+        packed = PackedMask.pack(m)
+        assert packed.bits.numel() == math.prod(m.shape[:-1]) * ((m.shape[-1] + 7) // 8)
+        assert torch.equal(packed.unpack(), m)
