@@ -14,7 +14,6 @@ Flower.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import logging
 import os
@@ -211,10 +210,7 @@ def _fetch_to(path: Path, parts: Parts, expected: Expected) -> None:
                 raise PayloadError("parts", f"part {index} has {len(data)} bytes")
             digest.update(data)
             fh.write(data)
-            # before the next part arrives: a part comes in a message that only the cycle
-            # collector frees, which runs by object counts, not bytes (measured: parts piled up)
-            del data
-            gc.collect()
+            del data  # before the next part arrives
     if digest.hexdigest() != manifest.sha256:
         raise PayloadError("parts", "the fetched parts do not match the announced SHA-256")
 

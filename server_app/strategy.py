@@ -8,6 +8,7 @@ it arrives (one message pulled at a time, so replies never pile up in memory). E
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Iterable, Iterator
@@ -55,6 +56,9 @@ class FedSpaLLMStrategy(Strategy):
     def _fetch(self, node: int, manifest: Manifest, index: int) -> bytes:
         if self._grid is None:
             raise PayloadError("parts", "no grid to fetch parts from")
+        # the previous part came in a message that only the cycle collector frees, and it
+        # runs by object counts, not bytes: without this, parts piled up until a payload ended
+        gc.collect()
         ttl = self.cfg.round_timeout
         (msg_id,) = self._grid.push_messages([protocol.fetch_message(node, manifest, index, ttl)])
         deadline = time.monotonic() + ttl
